@@ -1,0 +1,1 @@
+"""Plumbing shared by ppo.py, remax.py and rloo.py: nothing here is part of an algorithm's math."""

@@ -1,0 +1,97 @@
+"""Prompt datasets: load (hub id, directory or file), render, tokenize, drop or truncate long prompts."""
+
+import os
+
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_prompt_dataset(name: str, split: str) -> Dataset:
+    """A hub id, a directory (saved with save_to_disk, or data files), or a .json/.jsonl/.parquet/.csv file."""
+    path = os.path.expanduser(name)
+    ext = os.path.splitext(path)[1].lower()
+    if ext in FILE_TYPES:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--dataset {name!r}: no such file")
+        dataset = load_dataset(FILE_TYPES[ext], data_files=path, split="train")
+    elif os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(os.path.join(path, "dataset_dict.json")):
+            dataset = load_from_disk(path)
+            dataset = dataset[split] if isinstance(dataset, DatasetDict) else dataset
+        else:
+            dataset = load_dataset(path, split=split)
+    elif name.startswith(("/", "./", "../", "~")):
+        raise FileNotFoundError(f"--dataset {name!r}: no such file or directory")
+    else:
+        try:
+            dataset = load_dataset(name, split=split)
+        except Exception as e:  # offline, unknown id, unknown split
+            raise OSError(f"--dataset {name!r} (split {split!r}) could not be loaded: {e}") from e
+    if len(dataset) == 0:
+        raise ValueError(f"--dataset {name!r} (split {split!r}) is empty")
+    return dataset
+
+
+def render_prompts(dataset: Dataset, column: str, tokenizer) -> list:
+    """The prompt column as text: strings as they are, lists of chat messages through the
+    tokenizer's chat template with the generation prompt appended."""
+    if column not in dataset.column_names:
+        raise ValueError(f"the dataset has no column {column!r}; its columns are {dataset.column_names}: set --prompt-column")
+    first = dataset[0][column]
+    if isinstance(first, str):
+        return list(dataset[column])
+    if isinstance(first, list) and first and isinstance(first[0], dict) and "content" in first[0]:
+        if tokenizer.chat_template is None:
+            raise ValueError(f"column {column!r} holds chat messages but the tokenizer has no chat template")
+        return [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in dataset[column]]
+    raise ValueError(f"column {column!r} must hold strings or lists of {{'role', 'content'}} messages, got {type(first).__name__}")
+
+
+def tokenize_prompts(dataset: Dataset, column: str, tokenizer, max_prompt_length: int, truncation: str, print_fn=print) -> Dataset:
+    """Adds `input_ids` and the rendered `prompt_text`. Prompts longer than max_prompt_length are
+    dropped or left-truncated (truncation = "drop" | "left"), and the count is printed."""
+    texts = render_prompts(dataset, column, tokenizer)
+    is_chat = not isinstance(dataset[0][column], str)  # the template already holds the special tokens
+    ids = tokenizer(texts, add_special_tokens=not is_chat)["input_ids"]
+    too_long = [i for i, x in enumerate(ids) if len(x) > max_prompt_length]
+    if truncation == "left":
+        ids = [x[-max_prompt_length:] for x in ids]
+        texts = [tokenizer.decode(x) if len(x) == max_prompt_length else t for x, t in zip(ids, texts)]
+    dataset = dataset.add_column("input_ids", ids).add_column("prompt_text", texts)
+    if too_long:
+        verb = "left-truncated" if truncation == "left" else "dropped"
+        print_fn(f"{len(too_long)} of {len(dataset)} prompts are longer than --max-prompt-length {max_prompt_length}: {verb}")
+        if truncation == "drop":
+            dataset = dataset.select(sorted(set(range(len(dataset))) - set(too_long)))
+    if len(dataset) == 0:
+        raise ValueError(f"no prompt fits in --max-prompt-length {max_prompt_length}")
+    return dataset
+
+
+def make_collator(tokenizer):
+    """Left-pads input_ids to the longest prompt of the batch; the other columns stay lists."""
+
+    def collate(rows: list) -> dict:
+        batch = tokenizer.pad({"input_ids": [r["input_ids"] for r in rows]}, padding=True, return_tensors="pt")
+        extra = {k: [r[k] for r in rows] for k in rows[0] if k != "input_ids"}
+        return {"queries": batch["input_ids"], "query_mask": batch["attention_mask"].bool(), **extra}
+
+    return collate
+
+
+def repeat_forever(dataloader):
+    """Yield batches epoch after epoch (the sampler reshuffles each epoch)."""
+    epoch = 0
+    while True:
+        if hasattr(dataloader, "set_epoch"):
+            dataloader.set_epoch(epoch)
+        yield from dataloader
+        epoch += 1
+
+
+def columns_for_reward(batch: dict, repeats: int) -> dict:
+    """The dataset's other columns, each value repeated for the `repeats` responses of its prompt."""
+    skip = {"queries", "query_mask", "prompt_text"}
+    return {k: [v for v in vals for _ in range(repeats)] for k, vals in batch.items() if k not in skip}
+

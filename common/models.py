@@ -1,0 +1,95 @@
+"""Loading the tokenizer and the models (policy, frozen reference, reward, value) with dropout off."""
+
+import os
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from common.ops import position_ids_from_mask
+
+
+def check_model_source(name: str, flag: str) -> None:
+    """Fail early and readably when a local path does not exist (instead of a hub stack trace)."""
+    looks_local = name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+    if looks_local and not os.path.exists(os.path.expanduser(name)):
+        raise FileNotFoundError(f"{flag} {name!r}: no such directory")
+
+
+def load_config(name: str, flag: str, trust_remote_code: bool = False):
+    """AutoConfig of a local directory or hub id, with an error that names the flag."""
+    check_model_source(name, flag)
+    try:
+        return AutoConfig.from_pretrained(os.path.expanduser(name), trust_remote_code=trust_remote_code)
+    except Exception as e:  # offline hub, typo in the id, missing config.json
+        raise OSError(f"{flag} {name!r} could not be loaded: {e}") from e
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    """Tokenizer with left padding (prompts are left-padded) and a pad token (EOS if it has none)."""
+    check_model_source(name, "--model")
+    tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name), trust_remote_code=trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer of {name!r} has no EOS token: responses could never end; set one")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # masks come from the first EOS, so pad == EOS is safe
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Zero every dropout: nn.Dropout modules and the functional dropouts read from the config.
+    With dropout on, the rollout and training passes differ and the first ratio is not 1."""
+    for key, value in vars(model.config).items():
+        if isinstance(value, float) and ("dropout" in key or key.endswith("pdrop")):
+            setattr(model.config, key, 0.0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def load_policy(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """A causal LM with dropout off."""
+    load_config(name, "--model", trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=dtype, trust_remote_code=trust_remote_code)
+    return disable_dropout(model)
+
+
+def load_frozen(model: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode, no gradients: for the reference and the reward model."""
+    model.eval().requires_grad_(False)
+    return model
+
+
+def check_scalar_head(name: str, flag: str, trust_remote_code: bool = False) -> None:
+    """A reward or value model must output one number per token (num_labels == 1)."""
+    config = load_config(name, flag, trust_remote_code)
+    if getattr(config, "num_labels", None) != 1:
+        raise ValueError(
+            f"{flag} {name!r} has a head with num_labels={getattr(config, 'num_labels', None)}; a reward model must "
+            "output one scalar (AutoModelForSequenceClassification with num_labels=1)"
+        )
+
+
+def load_scalar_model(name: str, flag: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """AutoModelForSequenceClassification with one output, dropout off: a reward or value model."""
+    check_scalar_head(name, flag, trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        os.path.expanduser(name), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    if not isinstance(getattr(model, "score", None), torch.nn.Linear) or model.score.out_features != 1:
+        raise ValueError(f"{flag} {name!r}: expected a linear `score` head with one output")
+    return disable_dropout(model)
+
+
+def scalar_head_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The score head applied at every position (B, L) -> (B, L). We read the position ourselves:
+    the model's own pooling looks for the last non-pad token, which is wrong when pad == EOS."""
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(
+        input_ids=input_ids,
+        attention_mask=attention_mask.long(),
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+    return model.score(hidden).squeeze(-1)

@@ -1,0 +1,87 @@
+"""Tensor helpers: the padding-safe forward, log-probs, entropy and masked statistics.
+
+Shapes: B rows, L = P + T tokens, T response tokens, V vocabulary.
+"""
+
+import torch
+
+INVALID_LOGPROB = 1.0  # written on padded response slots; every sum over them is masked anyway
+
+
+def exact_div(a: int, b: int, what: str) -> int:
+    """a // b, or a ValueError that names the two quantities when b does not divide a."""
+    if b <= 0 or a % b != 0:
+        raise ValueError(f"{what}: {a} is not divisible by {b}")
+    return a // b
+
+
+def first_true_indices(bools: torch.Tensor) -> torch.Tensor:
+    """Index of the first True in each row of bools (B, T), or T where a row has none. (B,)"""
+    T = bools.shape[-1]
+    idx = torch.arange(T, device=bools.device).expand_as(bools)
+    return torch.where(bools, idx, T).min(dim=-1).values
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """0, 1, 2, ... counted over real tokens only, so left padding does not shift positions. (B, L)"""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
+    """model(...) with position ids built from the attention mask (B, L); the same call at rollout
+    and at training time, so the two passes agree token for token."""
+    return model(
+        input_ids=input_ids,
+        attention_mask=attention_mask.long(),
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        **kwargs,
+    )
+
+
+def selective_log_softmax(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature)[labels] for logits (B, T, V), labels (B, T) -> (B, T).
+
+    Row by row, so at most one (T, V) temporary lives beside the logits instead of a second
+    (B, T, V) log-softmax tensor."""
+    out = []
+    for row_logits, row_labels in zip(logits, labels):
+        row_logits = row_logits.float() / temperature  # (T, V)
+        chosen = row_logits.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1)
+        out.append(chosen - torch.logsumexp(row_logits, dim=-1))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits / temperature) at every position, row by row. (B, T, V) -> (B, T)"""
+    out = []
+    for row_logits in logits:
+        row_logits = row_logits.float() / temperature
+        p = torch.softmax(row_logits, dim=-1)
+        out.append(torch.logsumexp(row_logits, dim=-1) - (p * row_logits).sum(-1))
+    return torch.stack(out)
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """Sum of values where mask is True (padding may hold anything, even inf)."""
+    values = torch.where(mask, values, torch.zeros_like(values))
+    return values.sum() if dim is None else values.sum(dim)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """Mean of values where mask is True, over all elements or along dim."""
+    return masked_sum(values, mask, dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(values - mean) / std over the masked elements, unbiased variance. With fewer than two
+    valid elements the variance is undefined, so values are only centred (never divided by ~0)."""
+    mean = masked_mean(values, mask)
+    n = mask.sum()
+    var = masked_sum((values - mean) ** 2, mask) / (n - 1).clamp(min=1)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8) if n >= 2 else values - mean
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask, whitened, torch.zeros_like(whitened))
+

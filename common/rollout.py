@@ -1,0 +1,77 @@
+"""Generation, truncation after the first EOS, and scoring with a reward model or a Python rule."""
+
+import importlib
+import math
+
+import torch
+from transformers import GenerationConfig
+
+from common.models import scalar_head_values
+from common.ops import first_true_indices
+
+
+def generation_config(tokenizer, max_new_tokens: int, temperature: float, greedy: bool = False) -> GenerationConfig:
+    """Pure sampling at a temperature (top_k=0, top_p=1: no other warper changes the distribution
+    that the log-probs are recomputed under), or greedy decoding."""
+    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **sampling,
+    )
+
+
+@torch.no_grad()
+def generate(model, queries: torch.Tensor, query_mask: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+    """Responses (B, T) to left-padded queries (B, P), T <= max_new_tokens. `generate` builds
+    position ids from the attention mask itself; its scores are discarded (recomputed later)."""
+    query_responses = model.generate(input_ids=queries, attention_mask=query_mask.long(), generation_config=config)
+    return query_responses[:, queries.shape[1]:]
+
+
+def truncate_after_eos(responses: torch.Tensor, eos_token_id: int, pad_token_id: int):
+    """Cut each response after its first EOS. Returns (responses with pad after the EOS,
+    response_mask (B, T) True on real tokens including the EOS, has_eos (B,)).
+    The mask comes from the position of the first EOS, never from token == pad, because many
+    tokenizers (GPT-2, Pythia) use one id for both."""
+    T = responses.shape[1]
+    eos_index = first_true_indices(responses == eos_token_id)  # (B,), T when no EOS was emitted
+    response_mask = torch.arange(T, device=responses.device) <= eos_index.unsqueeze(1)  # (B, T)
+    return responses.masked_fill(~response_mask, pad_token_id), response_mask, eos_index < T
+
+
+@torch.no_grad()
+def score_with_model(reward_model, query_responses: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor):
+    """Reward-model score at the last real token of each response (the EOS when there is one),
+    never one slot after it. query_responses (B, L), last_index (B,) -> scores (B,)"""
+    values = scalar_head_values(reward_model, query_responses, attention_mask)  # (B, L)
+    return values.gather(1, last_index.unsqueeze(1)).squeeze(1).float()
+
+
+def import_reward_fn(spec: str):
+    """`module:function` -> the function; ImportError/AttributeError turned into one readable error."""
+    module_name, _, fn_name = spec.partition(":")
+    if not module_name or not fn_name:
+        raise ValueError(f"--reward-fn {spec!r}: expected 'module:function', e.g. 'my_rewards:length_reward'")
+    try:
+        fn = getattr(importlib.import_module(module_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--reward-fn {spec!r} cannot be imported: {e}") from e
+    if not callable(fn):
+        raise ValueError(f"--reward-fn {spec!r} is not callable")
+    return fn
+
+
+def score_with_fn(reward_fn, prompts: list, completions: list, has_eos: torch.Tensor, columns: dict) -> torch.Tensor:
+    """Call a rule reward as reward_fn(prompts=..., completions=..., eos=[bool], **dataset columns)
+    and check that it returns one finite float per completion. -> scores (B,)"""
+    scores = reward_fn(prompts=prompts, completions=completions, eos=has_eos.tolist(), **columns)
+    scores = [float(s) for s in scores]
+    if len(scores) != len(completions):
+        raise ValueError(f"the reward function returned {len(scores)} scores for {len(completions)} completions")
+    bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
+    if bad:
+        raise ValueError(f"the reward function returned a non-finite score for completion {bad[0]}: {completions[bad[0]]!r}")
+    return torch.tensor(scores, dtype=torch.float32, device=has_eos.device)

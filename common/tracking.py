@@ -1,0 +1,52 @@
+"""What a user sees: TensorBoard under runs/, a metrics JSONL file, optional wandb, sample tables.
+Called on the main process only."""
+
+import json
+import os
+
+
+def init_tracking(run_name: str, config: dict, metrics_path: str, track: bool, wandb_project: str) -> dict:
+    """TensorBoard writer at runs/<run_name>, the JSONL file, and a wandb run when track is set."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    trackers = {"tensorboard": SummaryWriter(os.path.join("runs", run_name))}
+    trackers["tensorboard"].add_text("args", "\n".join(f"{k}: {v}" for k, v in config.items()))
+    os.makedirs(os.path.dirname(metrics_path) or ".", exist_ok=True)
+    trackers["jsonl"] = open(metrics_path, "a")
+    if track:
+        try:
+            import wandb
+        except ImportError as e:
+            raise ImportError("--track logs to Weights & Biases: pip install wandb") from e
+        trackers["wandb"] = wandb.init(project=wandb_project, name=run_name, config=config)
+    return trackers
+
+
+def log_metrics(trackers: dict, metrics: dict, step: int) -> None:
+    """One JSON object per update (flushed, so a crash keeps every finished line) and the same scalars elsewhere."""
+    trackers["jsonl"].write(json.dumps({"update": step, **metrics}) + "\n")
+    trackers["jsonl"].flush()
+    for key, value in metrics.items():
+        trackers["tensorboard"].add_scalar(key, value, step)
+    if "wandb" in trackers:
+        trackers["wandb"].log(metrics, step=step)
+
+
+def close_tracking(trackers: dict) -> None:
+    trackers["tensorboard"].close()
+    trackers["jsonl"].close()
+    if "wandb" in trackers:
+        trackers["wandb"].finish()
+
+
+def samples_table(prompts: list, completions: list, scores: list, rows: int = 4, width: int = 48) -> str:
+    """A plain-text table of the first rows (prompt, completion, score), newlines shown as ⏎."""
+
+    def cell(text: str) -> str:
+        text = text.replace("\n", "⏎")
+        return text if len(text) <= width else "…" + text[-(width - 1):]
+
+    lines = [f"{'prompt':>{width}} | {'completion':<{width}} | score"]
+    for p, c, s in list(zip(prompts, completions, scores))[:rows]:
+        lines.append(f"{cell(p):>{width}} | {cell(c):<{width}} | {s:.3f}")
+    return "\n".join(lines)

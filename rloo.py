@@ -1,0 +1,370 @@
+"""RLOO: REINFORCE Leave-One-Out (Ahmadian et al. 2024, "Back to Basics", arXiv 2402.14740).
+
+Maximises E_{x~D, y~pi}[ r(x, y) - beta * KL(pi || pi_ref) ] with K samples per prompt:
+    R_i  = r(x, y_i) - beta * sum_t kl_{i,t}                   (KL folded into a sequence reward)
+    A_i  = R_i - (sum_j R_j - R_i) / (K - 1)                   (leave-one-out baseline)
+    loss = mean_i max(-A_i * rho_i, -A_i * clip(rho_i, 1-eps, 1+eps)),  rho_i = pi(y_i)/pi_old(y_i)
+On-policy (one epoch, one minibatch) rho_i = 1 and the gradient is REINFORCE's -A_i grad log pi(y_i).
+
+Differences from the paper:
+1. The clipped sequence ratio is only active when a batch is used for more than one step
+   (--num-epochs, --num-minibatches); with the defaults it is the paper's REINFORCE estimator.
+2. Log-probs are recomputed under the policy after generation (never taken from `generate`), so
+   the ratio is exactly 1 on the first minibatch.
+Differences from remax.py:
+1. K sampled responses per prompt and a leave-one-out baseline instead of one sampled and one
+   greedy response with the greedy score as the baseline.
+2. The whole response is one action: the KL is summed into a sequence reward and the loss uses
+   the sequence log-prob, instead of per-token rewards and reward-to-go returns.
+
+    python rloo.py
+    accelerate launch --config_file configs/multi_gpu.yaml rloo.py --model <policy> --reward-model <rm> --dataset <prompts>
+"""
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import tyro
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from common.data import columns_for_reward, load_prompt_dataset, make_collator, repeat_forever, tokenize_prompts
+from common.models import check_scalar_head, load_frozen, load_policy, load_scalar_model, load_tokenizer
+from common.ops import INVALID_LOGPROB, entropy_from_logits, exact_div, forward, masked_sum, selective_log_softmax
+from common.rollout import generate, generation_config, import_reward_fn, score_with_fn, score_with_model, truncate_after_eos
+from common.toy import build_toy, toy_dataset
+from common.tracking import close_tracking, init_tracking, log_metrics, samples_table
+
+
+@dataclass
+class Args:
+    # Experiment
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of the experiment, the first part of the run name"""
+    seed: int = 1
+    """seed of the initial weights and shuffles; sampling uses seed + 100003 * process index"""
+    output_dir: str | None = None
+    """where the trained policy, tokenizer and metrics.jsonl go (default: output/<run name>)"""
+    track: bool = False
+    """also log to Weights & Biases"""
+    wandb_project: str = "onefile-rlhf"
+    """the wandb project, with --track"""
+    print_samples_every: int = 10
+    """print a table of (prompt, completion, score) every N updates and at the end (0: only at the end)"""
+
+    # Model
+    model: str | None = None
+    """policy (and reference) model: a local directory or hub id; default: the built-in toy task"""
+    reward_model: str | None = None
+    """reward model (AutoModelForSequenceClassification, num_labels=1) sharing the policy's tokenizer"""
+    reward_fn: str | None = None
+    """a rule reward 'module:function' called as f(prompts=, completions=, eos=, **columns) -> floats"""
+    trust_remote_code: bool = False
+    """allow model code from the hub"""
+    bf16: bool = False
+    """bfloat16 autocast for the policy, bfloat16 weights for the frozen models"""
+
+    # Data
+    dataset: str | None = None
+    """prompts: a hub id, a local directory, or a .json/.jsonl/.parquet/.csv file"""
+    dataset_split: str = "train"
+    """the split to train on"""
+    prompt_column: str = "prompt"
+    """a string column, or a column of chat messages rendered with the tokenizer's chat template"""
+    max_prompt_length: int = 512
+    """prompts longer than this many tokens are dropped or left-truncated (see --prompt-truncation)"""
+    prompt_truncation: Literal["drop", "left"] = "drop"
+    """what to do with a prompt that is too long; either way the count is printed"""
+
+    # Generation
+    max_new_tokens: int = 8
+    """response length limit (8 fits the toy task; ~50-500 for real tasks)"""
+    temperature: float = 1.0
+    """sampling temperature; log-probs are recomputed at the same temperature"""
+    missing_eos_penalty: float | None = None
+    """if set, a response that never emitted EOS gets this score instead of the reward"""
+
+    # Optimization
+    learning_rate: float = 1e-3
+    """Adam learning rate (1e-3 suits the toy task; ~1e-6 for billion-parameter models)"""
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """decay of the learning rate over the updates"""
+    warmup_updates: int = 0
+    """updates of linear warm-up"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping by global norm"""
+    total_episodes: int = 38400
+    """responses to sample in the whole run; num_updates = total_episodes // batch_size"""
+
+    # Batch sizes
+    local_micro_batch_size: int = 64
+    """responses in one forward/backward on one process"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step"""
+    num_minibatches: int = 1
+    """optimizer steps per epoch over one rollout batch"""
+
+    # Algorithm
+    rloo_k: int = 4
+    """K, samples per prompt (>= 2); the baseline of each is the mean reward of the other K-1"""
+    kl_coef: float = 0.05
+    """beta, the weight of the KL penalty in the sequence reward"""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """k1: log pi - log pi_ref; k3: (rho - 1) - log rho with rho = pi_ref/pi (non-negative)"""
+    num_epochs: int = 1
+    """passes over each rollout batch; more than one makes the clipped ratio matter"""
+    cliprange: float = 0.2
+    """eps of the clipped sequence ratio"""
+
+    # Filled in at runtime
+    world_size: tyro.conf.Suppress[int] = 0
+    """number of processes"""
+    local_batch_size: tyro.conf.Suppress[int] = 0
+    """responses per update on one process = micro x accumulation x minibatches"""
+    local_mini_batch_size: tyro.conf.Suppress[int] = 0
+    """responses per optimizer step on one process"""
+    batch_size: tyro.conf.Suppress[int] = 0
+    """responses per update over all processes"""
+    num_updates: tyro.conf.Suppress[int] = 0
+    """rollout-and-update iterations"""
+    run_name: tyro.conf.Suppress[str] = ""
+    """<exp_name>__<seed>__<unix time>"""
+
+
+# ---- Algorithm ----
+
+
+def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL estimate from log pi and log pi_ref (B, T) -> (B, T).
+    k1 = log pi - log pi_ref (unbiased, can be negative); k3 = (rho - 1) - log rho, rho = pi_ref/pi
+    (unbiased, non-negative, lower variance; Schulman 2020)."""
+    log_rho = ref_logprobs - logprobs
+    return -log_rho if estimator == "k1" else torch.expm1(log_rho) - log_rho
+
+
+def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """A_i = R_i - (sum_j R_j - R_i) / (K - 1) within each prompt's group of K.
+    rewards (N*K,) with row n*K + j the j-th sample of prompt n -> advantages (N*K,)."""
+    grouped = rewards.view(-1, k)  # (N, K): row n holds the K samples of prompt n
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (k - 1)
+    return (grouped - baseline).view(-1)
+
+
+def policy_loss(new_logprobs, old_logprobs, advantages, response_mask, cliprange: float):
+    """Clipped sequence-ratio REINFORCE: mean_i max(-A_i rho_i, -A_i clip(rho_i, 1-eps, 1+eps)),
+    rho_i = exp(sum_t new - old). Log-probs (b, T), advantages (b,). Returns the loss and, per
+    sequence, the ratio and whether it was clipped."""
+    log_ratio = masked_sum(new_logprobs - old_logprobs, response_mask, dim=1)  # (b,)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    return torch.max(unclipped, clipped).mean(), ratio.detach(), (clipped > unclipped).detach()
+
+
+def main(args: Args) -> dict:
+    # ---- Set-up: every check that costs nothing comes before any model is loaded ----
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision="bf16" if args.bf16 else "no"
+    )
+    args.world_size = accelerator.num_processes
+    args.local_mini_batch_size = args.local_micro_batch_size * args.gradient_accumulation_steps
+    args.local_batch_size = args.local_mini_batch_size * args.num_minibatches
+    args.batch_size = args.local_batch_size * args.world_size
+    args.num_updates = args.total_episodes // args.batch_size
+    if args.rloo_k < 2:
+        raise ValueError(f"--rloo-k {args.rloo_k}: the leave-one-out baseline needs at least 2 samples per prompt")
+    local_num_prompts = exact_div(args.local_batch_size, args.rloo_k, "responses per process per update (local_batch_size) vs --rloo-k")
+    if args.num_updates < 1:
+        raise ValueError(f"--total-episodes {args.total_episodes} is less than one batch of {args.batch_size} responses")
+    if args.reward_model is not None and args.reward_fn is not None:
+        raise ValueError("give --reward-model or --reward-fn, not both")
+    if args.model is not None and args.reward_model is None and args.reward_fn is None:
+        raise ValueError("give a reward: --reward-model <path or hub id> or --reward-fn module:function")
+    if args.model is not None and args.dataset is None:
+        raise ValueError("give the prompts: --dataset <hub id, directory or file>")
+    args.run_name = args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    args.output_dir = args.output_dir or os.path.join("output", args.run_name)
+    set_seed(args.seed)  # same initial weights and data order on every process
+
+    if args.model is None:  # the built-in toy task
+        with accelerator.main_process_first():
+            args.model = build_toy(print_fn=accelerator.print)
+        args.reward_fn = args.reward_fn or "common.toy:sort_reward"
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    raw_dataset = toy_dataset() if args.dataset is None else load_prompt_dataset(args.dataset, args.dataset_split)
+    dataset = tokenize_prompts(
+        raw_dataset, args.prompt_column, tokenizer, args.max_prompt_length, args.prompt_truncation, accelerator.print
+    )
+    if len(dataset) < local_num_prompts * args.world_size:
+        raise ValueError(f"{len(dataset)} prompts are fewer than the {local_num_prompts * args.world_size} one update needs")
+    if args.reward_fn is not None:
+        reward_fn = import_reward_fn(args.reward_fn)
+        probe = dataset.select(range(2))  # fail now, not after the first generation
+        score_with_fn(reward_fn, probe["prompt_text"], ["", ""], torch.zeros(2, dtype=torch.bool), columns_for_reward(probe.to_dict(), 1))
+    else:
+        check_scalar_head(args.reward_model, "--reward-model", args.trust_remote_code)
+
+    frozen_dtype = torch.bfloat16 if args.bf16 else torch.float32
+    policy = load_policy(args.model, torch.float32, args.trust_remote_code)
+    ref_policy = load_frozen(load_policy(args.model, frozen_dtype, args.trust_remote_code))
+    reward_model = None
+    if args.reward_model is not None:
+        reward_model = load_frozen(load_scalar_model(args.reward_model, "--reward-model", frozen_dtype, args.trust_remote_code))
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = get_scheduler(args.lr_schedule, optimizer, args.warmup_updates, args.num_updates)
+    dataloader = DataLoader(dataset, batch_size=local_num_prompts, shuffle=True, drop_last=True, collate_fn=make_collator(tokenizer))
+    # prepare() shards the dataloader: each process draws its own prompts and samples all K
+    # responses of each, so every group of K lives on one process.
+    policy, optimizer, dataloader = accelerator.prepare(policy, optimizer, dataloader)
+    ref_policy = ref_policy.to(accelerator.device)
+    reward_model = reward_model.to(accelerator.device) if reward_model is not None else None
+    set_seed(args.seed + accelerator.process_index * 100003)  # different samples on every process
+    gen_config = generation_config(tokenizer, args.max_new_tokens, args.temperature)
+    batches = repeat_forever(dataloader)
+    device = accelerator.device
+
+    trackers = {}
+    if accelerator.is_main_process:
+        trackers = init_tracking(args.run_name, asdict(args), os.path.join(args.output_dir, "metrics.jsonl"), args.track, args.wandb_project)
+        accelerator.print(
+            f"{args.run_name}: {args.num_updates} updates of {args.batch_size} responses "
+            f"({args.world_size} process(es) x {args.local_batch_size}), logs in runs/{args.run_name}"
+        )
+    progress = tqdm(range(1, args.num_updates + 1), disable=None if accelerator.is_main_process else True, desc=args.exp_name)
+    start_time = time.time()
+    for update in progress:
+        batch = next(batches)
+
+        # 1. Rollout
+        queries = batch["queries"].repeat_interleave(args.rloo_k, dim=0)  # (B, P): rows n*K..n*K+K-1 answer prompt n
+        query_mask = batch["query_mask"].repeat_interleave(args.rloo_k, dim=0)  # (B, P)
+        P = queries.shape[1]
+        with torch.no_grad():
+            responses = generate(accelerator.unwrap_model(policy), queries, query_mask, gen_config)  # (B, T)
+        responses, response_mask, has_eos = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        query_responses = torch.cat([queries, responses], dim=1)  # (B, P+T)
+        attention_mask = torch.cat([query_mask, response_mask], dim=1)  # (B, P+T)
+        T = responses.shape[1]
+
+        # 2. Score
+        prompts = [p for p in batch["prompt_text"] for _ in range(args.rloo_k)]
+        completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        if reward_model is not None:
+            last_index = P + response_mask.sum(dim=1) - 1  # (B,): the EOS, or the last token if none
+            scores = score_with_model(reward_model, query_responses, attention_mask, last_index)
+        else:
+            scores = score_with_fn(reward_fn, prompts, completions, has_eos, columns_for_reward(batch, args.rloo_k))
+        if args.missing_eos_penalty is not None:
+            scores = torch.where(has_eos, scores, torch.full_like(scores, args.missing_eos_penalty))
+
+        # 3. Log-probs
+        # Recomputed with the same forward as the update (not taken from generate), so the
+        # ratio of the first minibatch is exactly 1.
+        logprobs, ref_logprobs, entropy = [], [], []
+        with torch.no_grad():
+            for i in range(0, len(queries), args.local_micro_batch_size):
+                rows = slice(i, i + args.local_micro_batch_size)
+                logits = forward(policy, query_responses[rows], attention_mask[rows], logits_to_keep=T + 1).logits[:, :-1]
+                logprobs.append(selective_log_softmax(logits, responses[rows], args.temperature))
+                entropy.append(entropy_from_logits(logits, args.temperature))
+                ref_logits = forward(ref_policy, query_responses[rows], attention_mask[rows], logits_to_keep=T + 1).logits[:, :-1]
+                ref_logprobs.append(selective_log_softmax(ref_logits, responses[rows], args.temperature))
+                del logits, ref_logits
+        logprobs = torch.cat(logprobs).masked_fill(~response_mask, INVALID_LOGPROB)  # (B, T)
+        ref_logprobs = torch.cat(ref_logprobs).masked_fill(~response_mask, INVALID_LOGPROB)  # (B, T)
+        entropy = torch.cat(entropy)  # (B, T)
+
+        # 4. KL-shaped rewards
+        kl = kl_per_token(logprobs, ref_logprobs, args.kl_estimator).masked_fill(~response_mask, 0.0)  # (B, T)
+        rewards = scores - args.kl_coef * kl.sum(dim=1)  # (B,): the whole response is one action
+
+        # 5. Advantages
+        advantages = rloo_advantages(rewards, args.rloo_k)  # (B,)
+
+        # 6. Update
+        # Every micro-batch holds the same number of responses, so the per-micro-batch mean that
+        # accelerator.backward divides by gradient_accumulation_steps is the minibatch mean.
+        stats = {"ratio": [], "clipped": [], "approxkl": [], "loss": []}
+        for _ in range(args.num_epochs):
+            order = torch.randperm(args.local_batch_size, device=device)
+            for mb_start in range(0, args.local_batch_size, args.local_mini_batch_size):
+                for mu_start in range(mb_start, mb_start + args.local_mini_batch_size, args.local_micro_batch_size):
+                    rows = order[mu_start : mu_start + args.local_micro_batch_size]
+                    with accelerator.accumulate(policy):
+                        logits = forward(policy, query_responses[rows], attention_mask[rows], logits_to_keep=T + 1).logits[:, :-1]
+                        new_logprobs = selective_log_softmax(logits, responses[rows], args.temperature)
+                        loss, ratio, clipped = policy_loss(
+                            new_logprobs, logprobs[rows], advantages[rows], response_mask[rows], args.cliprange
+                        )
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients:
+                            accelerator.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad()
+                    stats["ratio"].append(ratio)
+                    stats["clipped"].append(clipped.float())
+                    stats["approxkl"].append(0.5 * ratio.log() ** 2)
+                    stats["loss"].append(loss.detach().reshape(1))
+                    del logits
+        scheduler.step()
+
+        # 7. Log
+        def global_mean(x: torch.Tensor) -> float:
+            return accelerator.gather(x.float().reshape(-1)).mean().item()
+
+        ratio = torch.cat(stats["ratio"])
+        metrics = {
+            "objective/scores": global_mean(scores),
+            "objective/kl": global_mean(kl.sum(dim=1)),
+            "objective/rlhf_reward": global_mean(rewards),
+            "objective/entropy": global_mean(masked_sum(entropy, response_mask, dim=1)),
+            "policy/approxkl": global_mean(torch.cat(stats["approxkl"])),
+            "policy/clipfrac": global_mean(torch.cat(stats["clipped"])),
+            "loss/policy": global_mean(torch.cat(stats["loss"])),
+            "val/ratio": global_mean(ratio),
+            "val/ratio_var": accelerator.gather(ratio.float()).var().item() if len(ratio) > 1 else 0.0,
+            "val/num_eos_tokens": accelerator.gather(has_eos.float()).sum().item(),
+            "val/response_length": global_mean(response_mask.sum(dim=1)),
+            "val/advantage_abs": global_mean(advantages.abs()),
+            "lr": scheduler.get_last_lr()[0],
+            "episode": update * args.batch_size,
+            "eps": update * args.batch_size / (time.time() - start_time),
+        }
+        if not all(math.isfinite(v) for v in metrics.values()):
+            raise FloatingPointError(f"update {update}: non-finite metrics {metrics}")
+        if accelerator.is_main_process:
+            log_metrics(trackers, metrics, update)
+            progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+            progress.write(
+                f"update {update}/{args.num_updates} | episode {metrics['episode']} | score {metrics['objective/scores']:.3f}"
+                f" | kl {metrics['objective/kl']:.3f} | rlhf_reward {metrics['objective/rlhf_reward']:.3f}"
+                f" | entropy {metrics['objective/entropy']:.2f} | eps {metrics['eps']:.0f}"
+            )
+            if update == args.num_updates or (args.print_samples_every and update % args.print_samples_every == 0):
+                progress.write(samples_table(prompts[:: args.rloo_k], completions[:: args.rloo_k], scores[:: args.rloo_k].tolist()))
+
+    # Save: the full state dict is gathered on the main process, whatever the engine.
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(policy)
+    accelerator.unwrap_model(policy).save_pretrained(
+        args.output_dir, state_dict=state_dict, save_function=accelerator.save, is_main_process=accelerator.is_main_process
+    )
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(args.output_dir)
+        close_tracking(trackers)
+        accelerator.print(f"saved the trained policy and tokenizer to {args.output_dir}")
+    accelerator.end_training()
+    return metrics
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
