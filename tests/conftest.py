@@ -105,3 +105,9 @@ def tiny_args(module, tmp_path, **overrides):
     )
     defaults.update(overrides)
     return module.Args(**defaults)
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_dir(tmp_path, monkeypatch):
+    """Each test runs in its own folder, so runs/ and output/ never land in the repository."""
+    monkeypatch.chdir(tmp_path)
