@@ -38,7 +38,7 @@ from transformers import get_scheduler
 from common.data import columns_for_reward, load_prompt_dataset, make_collator, repeat_forever, tokenize_prompts
 from common.models import check_scalar_head, load_frozen, load_policy, load_scalar_model, load_tokenizer
 from common.ops import INVALID_LOGPROB, entropy_from_logits, exact_div, forward, masked_sum, selective_log_softmax
-from common.rollout import generate, generation_config, import_reward_fn, score_with_fn, score_with_model, truncate_after_eos
+from common.rollout import generate, generation_config, import_reward_fn, score_responses, score_with_fn, truncate_after_eos
 from common.toy import build_toy, toy_dataset
 from common.tracking import close_tracking, init_tracking, log_metrics, samples_table
 
@@ -206,10 +206,11 @@ def main(args: Args) -> dict:
     )
     if len(dataset) < local_num_prompts * args.world_size:
         raise ValueError(f"{len(dataset)} prompts are fewer than the {local_num_prompts * args.world_size} one update needs")
-    if args.reward_fn is not None:
-        reward_fn = import_reward_fn(args.reward_fn)
-        probe = dataset.select(range(2))  # fail now, not after the first generation
-        score_with_fn(reward_fn, probe["prompt_text"], ["", ""], torch.zeros(2, dtype=torch.bool), columns_for_reward(probe.to_dict(), 1))
+    reward_fn = import_reward_fn(args.reward_fn) if args.reward_fn is not None else None
+    if reward_fn is not None:
+        probe = dataset.select(range(min(2, len(dataset))))  # fail now, not after the first generation
+        no_eos = torch.zeros(len(probe), dtype=torch.bool)
+        score_with_fn(reward_fn, probe["prompt_text"], [""] * len(probe), no_eos, columns_for_reward(probe.to_dict(), 1))
     else:
         check_scalar_head(args.reward_model, "--reward-model", args.trust_remote_code)
 
@@ -247,7 +248,6 @@ def main(args: Args) -> dict:
         # 1. Rollout
         queries = batch["queries"].repeat_interleave(args.rloo_k, dim=0)  # (B, P): rows n*K..n*K+K-1 answer prompt n
         query_mask = batch["query_mask"].repeat_interleave(args.rloo_k, dim=0)  # (B, P)
-        P = queries.shape[1]
         with torch.no_grad():
             responses = generate(accelerator.unwrap_model(policy), queries, query_mask, gen_config)  # (B, T)
         responses, response_mask, has_eos = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
@@ -257,12 +257,10 @@ def main(args: Args) -> dict:
 
         # 2. Score
         prompts = [p for p in batch["prompt_text"] for _ in range(args.rloo_k)]
-        completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        if reward_model is not None:
-            last_index = P + response_mask.sum(dim=1) - 1  # (B,): the EOS, or the last token if none
-            scores = score_with_model(reward_model, query_responses, attention_mask, last_index)
-        else:
-            scores = score_with_fn(reward_fn, prompts, completions, has_eos, columns_for_reward(batch, args.rloo_k))
+        columns = columns_for_reward(batch, args.rloo_k)
+        scores, completions = score_responses(
+            queries, query_mask, responses, response_mask, has_eos, prompts, columns, tokenizer, reward_model, reward_fn
+        )
         if args.missing_eos_penalty is not None:
             scores = torch.where(has_eos, scores, torch.full_like(scores, args.missing_eos_penalty))
 

@@ -7,14 +7,25 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
+def load_data_file(name: str, path: str, file_type: str) -> Dataset:
+    """One json/parquet/csv file. An empty file makes `datasets` raise a bare StopIteration (.jsonl)
+    or "corresponds to no data" (.json, .csv): turn both into an error that names the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--dataset {name!r}: no such file")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"--dataset {name!r} is empty")
+    try:
+        return load_dataset(file_type, data_files=path, split="train")
+    except Exception as e:  # no rows, malformed file
+        raise ValueError(f"--dataset {name!r} could not be read as {file_type} (empty or malformed?): {type(e).__name__}: {e}") from e
+
+
 def load_prompt_dataset(name: str, split: str) -> Dataset:
     """A hub id, a directory (saved with save_to_disk, or data files), or a .json/.jsonl/.parquet/.csv file."""
     path = os.path.expanduser(name)
     ext = os.path.splitext(path)[1].lower()
     if ext in FILE_TYPES:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--dataset {name!r}: no such file")
-        dataset = load_dataset(FILE_TYPES[ext], data_files=path, split="train")
+        dataset = load_data_file(name, path, FILE_TYPES[ext])
     elif os.path.isdir(path):
         if os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(os.path.join(path, "dataset_dict.json")):
             dataset = load_from_disk(path)
@@ -55,9 +66,10 @@ def tokenize_prompts(dataset: Dataset, column: str, tokenizer, max_prompt_length
     is_chat = not isinstance(dataset[0][column], str)  # the template already holds the special tokens
     ids = tokenizer(texts, add_special_tokens=not is_chat)["input_ids"]
     too_long = [i for i, x in enumerate(ids) if len(x) > max_prompt_length]
-    if truncation == "left":
-        ids = [x[-max_prompt_length:] for x in ids]
-        texts = [tokenizer.decode(x) if len(x) == max_prompt_length else t for x, t in zip(ids, texts)]
+    if truncation == "left":  # only the truncated prompts get a new text, decoded from what is kept
+        for i in too_long:
+            ids[i] = ids[i][-max_prompt_length:]
+            texts[i] = tokenizer.decode(ids[i])
     dataset = dataset.add_column("input_ids", ids).add_column("prompt_text", texts)
     if too_long:
         verb = "left-truncated" if truncation == "left" else "dropped"
@@ -92,6 +104,6 @@ def repeat_forever(dataloader):
 
 def columns_for_reward(batch: dict, repeats: int) -> dict:
     """The dataset's other columns, each value repeated for the `repeats` responses of its prompt."""
-    skip = {"queries", "query_mask", "prompt_text"}
+    skip = {"queries", "query_mask", "prompt_text", "input_ids"}
     return {k: [v for v in vals for _ in range(repeats)] for k, vals in batch.items() if k not in skip}
 

@@ -75,3 +75,16 @@ def score_with_fn(reward_fn, prompts: list, completions: list, has_eos: torch.Te
     if bad:
         raise ValueError(f"the reward function returned a non-finite score for completion {bad[0]}: {completions[bad[0]]!r}")
     return torch.tensor(scores, dtype=torch.float32, device=has_eos.device)
+
+
+def score_responses(queries, query_mask, responses, response_mask, has_eos, prompts, columns, tokenizer, reward_model, reward_fn):
+    """Score every (prompt, response) pair: the reward model read at the last real response token
+    (the EOS when there is one), else the rule reward on the decoded text. queries (B, P),
+    responses (B, T) -> scores (B,) and the decoded completions."""
+    completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    if reward_model is None:
+        return score_with_fn(reward_fn, prompts, completions, has_eos, columns), completions
+    query_responses = torch.cat([queries, responses], dim=1)  # (B, P+T)
+    attention_mask = torch.cat([query_mask, response_mask], dim=1)  # (B, P+T)
+    last_index = queries.shape[1] + response_mask.sum(dim=1) - 1  # (B,)
+    return score_with_model(reward_model, query_responses, attention_mask, last_index), completions
