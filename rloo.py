@@ -317,7 +317,12 @@ def main(args: Args) -> dict:
 
         # 7. Log
         def global_mean(x: torch.Tensor) -> float:
-            return accelerator.gather(x.float().reshape(-1)).mean().item()
+            """Mean over all processes of tensors whose sizes may differ (token counts do)."""
+            sums = accelerator.gather(torch.stack([x.double().sum(), torch.tensor(x.numel(), dtype=torch.float64, device=device)]))
+            return (sums[0::2].sum() / sums[1::2].sum()).item()
+
+        def global_var(x: torch.Tensor) -> float:
+            return global_mean((x.double() - global_mean(x)) ** 2)
 
         ratio = torch.cat(stats["ratio"])
         metrics = {
@@ -329,7 +334,7 @@ def main(args: Args) -> dict:
             "policy/clipfrac": global_mean(torch.cat(stats["clipped"])),
             "loss/policy": global_mean(torch.cat(stats["loss"])),
             "val/ratio": global_mean(ratio),
-            "val/ratio_var": accelerator.gather(ratio.float()).var().item() if len(ratio) > 1 else 0.0,
+            "val/ratio_var": global_var(ratio),
             "val/num_eos_tokens": accelerator.gather(has_eos.float()).sum().item(),
             "val/response_length": global_mean(response_mask.sum(dim=1)),
             "val/advantage_abs": global_mean(advantages.abs()),

@@ -71,9 +71,11 @@ def check_scalar_head(name: str, flag: str, trust_remote_code: bool = False) -> 
         )
 
 
-def load_scalar_model(name: str, flag: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """AutoModelForSequenceClassification with one output, dropout off: a reward or value model."""
-    check_scalar_head(name, flag, trust_remote_code)
+def load_scalar_model(name: str, flag: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, new_head: bool = False):
+    """AutoModelForSequenceClassification with one output, dropout off: a reward or value model.
+    new_head: `name` is a causal LM; keep its backbone and start a fresh scalar head."""
+    if not new_head:
+        check_scalar_head(name, flag, trust_remote_code)
     model = AutoModelForSequenceClassification.from_pretrained(
         os.path.expanduser(name), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code
     )

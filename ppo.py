@@ -1,0 +1,445 @@
+"""PPO with a learned critic (Schulman et al. 2017, arXiv 1707.06347; RLHF as in Ouyang et al. 2022
+and Huang et al. 2024, "The N+ implementation details of RLHF with PPO", arXiv 2403.17031).
+
+Maximises E_{x~D, y~pi}[ r(x, y) - beta * KL(pi || pi_ref) ] with a value model V:
+    reward_t = -beta * kl_t  (+ r(x, y) at the last token)
+    A_t      = sum_l (gamma lam)^l delta_{t+l},  delta_t = reward_t + gamma V_{t+1} - V_t   (GAE)
+    G_t      = A_t + V_t,  A whitened over the batch's response tokens
+    loss     = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1-eps, 1+eps))                  rho_t = pi/pi_old
+               + vf_coef * mean_t 0.5 max((V - G)^2, (clip(V, V_old - eps_v, V_old + eps_v) - G)^2)
+
+Differences from the papers:
+1. Log-probs and values are recomputed after generation with the training forward (never taken
+   from `generate`), so the ratio is exactly 1 on the first minibatch.
+2. No adaptive KL controller: beta is fixed, as in the twins.
+Differences from rloo.py:
+1. One sample per prompt, a learned value model as the baseline and GAE over tokens, instead of
+   K samples and a leave-one-out baseline over whole sequences.
+2. A per-token clipped ratio and a clipped value loss, over --num-ppo-epochs epochs; the policy
+   and value model are trained together (two trained models, four held).
+
+    python ppo.py
+    accelerate launch --config_file configs/multi_gpu.yaml ppo.py --model <policy> --reward-model <rm> --dataset <prompts>
+"""
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import tyro
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from common.data import columns_for_reward, load_prompt_dataset, make_collator, repeat_forever, tokenize_prompts
+from common.models import check_scalar_head, load_frozen, load_policy, load_scalar_model, load_tokenizer, scalar_head_values
+from common.ops import INVALID_LOGPROB, entropy_from_logits, exact_div, forward, masked_sum, masked_whiten, selective_log_softmax
+from common.rollout import generate, generation_config, import_reward_fn, score_responses, score_with_fn, truncate_after_eos
+from common.toy import build_toy, toy_dataset
+from common.tracking import close_tracking, init_tracking, log_metrics, samples_table
+
+
+@dataclass
+class Args:
+    # Experiment
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of the experiment, the first part of the run name"""
+    seed: int = 1
+    """seed of the initial weights and shuffles; sampling uses seed + 100003 * process index"""
+    output_dir: str | None = None
+    """where the trained policy, tokenizer and metrics.jsonl go (default: output/<run name>)"""
+    track: bool = False
+    """also log to Weights & Biases"""
+    wandb_project: str = "onefile-rlhf"
+    """the wandb project, with --track"""
+    print_samples_every: int = 10
+    """print a table of (prompt, completion, score) every N updates and at the end (0: only at the end)"""
+
+    # Model
+    model: str | None = None
+    """policy (and reference) model: a local directory or hub id; default: the built-in toy task"""
+    reward_model: str | None = None
+    """reward model (AutoModelForSequenceClassification, num_labels=1) sharing the policy's tokenizer"""
+    reward_fn: str | None = None
+    """a rule reward 'module:function' called as f(prompts=, completions=, eos=, **columns) -> floats"""
+    trust_remote_code: bool = False
+    """allow model code from the hub"""
+    bf16: bool = False
+    """bfloat16 autocast for the policy, bfloat16 weights for the frozen models"""
+
+    # Data
+    dataset: str | None = None
+    """prompts: a hub id, a local directory, or a .json/.jsonl/.parquet/.csv file"""
+    dataset_split: str = "train"
+    """the split to train on"""
+    prompt_column: str = "prompt"
+    """a string column, or a column of chat messages rendered with the tokenizer's chat template"""
+    max_prompt_length: int = 512
+    """prompts longer than this many tokens are dropped or left-truncated (see --prompt-truncation)"""
+    prompt_truncation: Literal["drop", "left"] = "drop"
+    """what to do with a prompt that is too long; either way the count is printed"""
+
+    # Generation
+    max_new_tokens: int = 8
+    """response length limit (8 fits the toy task; ~50-500 for real tasks)"""
+    temperature: float = 1.0
+    """sampling temperature; log-probs are recomputed at the same temperature"""
+    missing_eos_penalty: float | None = None
+    """if set, a response that never emitted EOS gets this score instead of the reward"""
+
+    # Optimization
+    learning_rate: float = 1e-3
+    """Adam learning rate (1e-3 suits the toy task; ~1e-6 for billion-parameter models)"""
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """decay of the learning rate over the updates"""
+    warmup_updates: int = 0
+    """updates of linear warm-up"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping by global norm"""
+    total_episodes: int = 38400
+    """responses to sample in the whole run; num_updates = total_episodes // batch_size"""
+
+    # Batch sizes
+    local_micro_batch_size: int = 64
+    """responses in one forward/backward on one process"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step"""
+    num_minibatches: int = 1
+    """optimizer steps per epoch over one rollout batch"""
+
+    # Algorithm
+    value_model: str | None = None
+    """value model (num_labels=1); default: the reward model if given, else the policy with a fresh head"""
+    kl_coef: float = 0.05
+    """beta, the weight of the per-token KL penalty"""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """k1: log pi - log pi_ref; k3: (rho - 1) - log rho with rho = pi_ref/pi (non-negative)"""
+    num_ppo_epochs: int = 4
+    """passes over each rollout batch"""
+    cliprange: float = 0.2
+    """eps of the clipped per-token ratio"""
+    cliprange_value: float = 0.2
+    """eps_v: how far a value prediction may move from its rollout value before its loss is clipped"""
+    vf_coef: float = 0.1
+    """weight of the value loss"""
+    gamma: float = 1.0
+    """discount of GAE"""
+    lam: float = 0.95
+    """lambda of GAE"""
+    whiten_rewards: bool = False
+    """whiten the per-token rewards (without shifting their mean) before GAE"""
+
+    # Filled in at runtime
+    world_size: tyro.conf.Suppress[int] = 0
+    """number of processes"""
+    local_batch_size: tyro.conf.Suppress[int] = 0
+    """responses per update on one process = micro x accumulation x minibatches"""
+    local_mini_batch_size: tyro.conf.Suppress[int] = 0
+    """responses per optimizer step on one process"""
+    batch_size: tyro.conf.Suppress[int] = 0
+    """responses per update over all processes"""
+    num_updates: tyro.conf.Suppress[int] = 0
+    """rollout-and-update iterations"""
+    run_name: tyro.conf.Suppress[str] = ""
+    """<exp_name>__<seed>__<unix time>"""
+
+
+# ---- Algorithm ----
+
+
+def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL estimate from log pi and log pi_ref (B, T) -> (B, T).
+    k1 = log pi - log pi_ref (unbiased, can be negative); k3 = (rho - 1) - log rho, rho = pi_ref/pi
+    (unbiased, non-negative, lower variance; Schulman 2020)."""
+    log_rho = ref_logprobs - logprobs
+    return -log_rho if estimator == "k1" else torch.expm1(log_rho) - log_rho
+
+
+def ppo_rewards(kl, scores, response_mask, kl_coef: float):
+    """Per-token rewards -beta * kl_t plus the score at the last real token.
+    kl, response_mask (B, T), scores (B,) -> rewards (B, T)."""
+    rewards = (-kl_coef * kl).masked_fill(~response_mask, 0.0)
+    last = response_mask.sum(dim=1, keepdim=True) - 1  # (B, 1): the EOS, or the last token if none
+    return rewards.scatter_add(1, last, scores.unsqueeze(1).to(rewards.dtype))
+
+
+def gae(rewards, values, response_mask, gamma: float, lam: float):
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16):
+    delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lam A_{t+1},  G_t = A_t + V_t,
+    with V = 0 and A = 0 past the last real token. rewards, values (B, T) -> advantages, returns (B, T)."""
+    values = values.masked_fill(~response_mask, 0.0)
+    advantages = torch.zeros_like(rewards)
+    next_value, next_advantage = torch.zeros_like(values[:, 0]), torch.zeros_like(values[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = next_advantage
+        next_value = values[:, t]
+    return advantages, advantages + values
+
+
+def policy_loss(new_logprobs, old_logprobs, advantages, response_mask, cliprange: float, num_tokens: float):
+    """Clipped surrogate per token: sum_t max(-A_t rho_t, -A_t clip(rho_t, 1-eps, 1+eps)) / num_tokens,
+    rho_t = exp(new - old). All (b, T). Returns the loss and, per token, the ratio and whether it was clipped."""
+    ratio = torch.exp(new_logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_sum(torch.max(unclipped, clipped), response_mask) / num_tokens
+    return loss, ratio.detach(), (clipped > unclipped).detach()
+
+
+def value_loss(new_values, old_values, returns, response_mask, cliprange_value: float, num_tokens: float):
+    """0.5 sum_t max((V - G)^2, (clip(V, V_old - eps_v, V_old + eps_v) - G)^2) / num_tokens. All (b, T).
+    Returns the loss and, per token, whether the clipped term was the larger."""
+    clipped_values = old_values + torch.clamp(new_values - old_values, -cliprange_value, cliprange_value)
+    unclipped_loss, clipped_loss = (new_values - returns) ** 2, (clipped_values - returns) ** 2
+    loss = 0.5 * masked_sum(torch.max(unclipped_loss, clipped_loss), response_mask) / num_tokens
+    return loss, (clipped_loss > unclipped_loss).detach()
+
+
+class PolicyAndValue(torch.nn.Module):
+    """The two trained models as one module, so one prepare() and one optimizer cover both."""
+
+    def __init__(self, policy, value_model):
+        super().__init__()
+        self.policy, self.value_model = policy, value_model
+
+    def forward(self, input_ids, attention_mask, logits_to_keep: int):
+        """Logits of the last logits_to_keep positions (B, logits_to_keep, V) and values (B, L)."""
+        logits = forward(self.policy, input_ids, attention_mask, logits_to_keep=logits_to_keep).logits
+        return logits, scalar_head_values(self.value_model, input_ids, attention_mask)
+
+
+def main(args: Args) -> dict:
+    # ---- Set-up: every check that costs nothing comes before any model is loaded ----
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision="bf16" if args.bf16 else "no"
+    )
+    args.world_size = accelerator.num_processes
+    args.local_mini_batch_size = args.local_micro_batch_size * args.gradient_accumulation_steps
+    args.local_batch_size = args.local_mini_batch_size * args.num_minibatches
+    args.batch_size = args.local_batch_size * args.world_size
+    args.num_updates = args.total_episodes // args.batch_size
+    local_num_prompts = args.local_batch_size  # one response per prompt
+    if args.num_updates < 1:
+        raise ValueError(f"--total-episodes {args.total_episodes} is less than one batch of {args.batch_size} responses")
+    if args.reward_model is not None and args.reward_fn is not None:
+        raise ValueError("give --reward-model or --reward-fn, not both")
+    if args.model is not None and args.reward_model is None and args.reward_fn is None:
+        raise ValueError("give a reward: --reward-model <path or hub id> or --reward-fn module:function")
+    if args.model is not None and args.dataset is None:
+        raise ValueError("give the prompts: --dataset <hub id, directory or file>")
+    args.run_name = args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    args.output_dir = args.output_dir or os.path.join("output", args.run_name)
+    set_seed(args.seed)  # same initial weights and data order on every process
+
+    if args.model is None:  # the built-in toy task
+        with accelerator.main_process_first():
+            args.model = build_toy(print_fn=accelerator.print)
+        args.reward_fn = args.reward_fn or "common.toy:sort_reward"
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    raw_dataset = toy_dataset() if args.dataset is None else load_prompt_dataset(args.dataset, args.dataset_split)
+    dataset = tokenize_prompts(
+        raw_dataset, args.prompt_column, tokenizer, args.max_prompt_length, args.prompt_truncation, accelerator.print
+    )
+    if len(dataset) < local_num_prompts * args.world_size:
+        raise ValueError(f"{len(dataset)} prompts are fewer than the {local_num_prompts * args.world_size} one update needs")
+    reward_fn = import_reward_fn(args.reward_fn) if args.reward_fn is not None else None
+    if reward_fn is not None:
+        probe = dataset.select(range(min(2, len(dataset))))  # fail now, not after the first generation
+        no_eos = torch.zeros(len(probe), dtype=torch.bool)
+        score_with_fn(reward_fn, probe["prompt_text"], [""] * len(probe), no_eos, columns_for_reward(probe.to_dict(), 1))
+    else:
+        check_scalar_head(args.reward_model, "--reward-model", args.trust_remote_code)
+    if args.value_model is not None:
+        check_scalar_head(args.value_model, "--value-model", args.trust_remote_code)
+
+    frozen_dtype = torch.bfloat16 if args.bf16 else torch.float32
+    policy = load_policy(args.model, torch.float32, args.trust_remote_code)
+    ref_policy = load_frozen(load_policy(args.model, frozen_dtype, args.trust_remote_code))
+    reward_model = None
+    if args.reward_model is not None:
+        reward_model = load_frozen(load_scalar_model(args.reward_model, "--reward-model", frozen_dtype, args.trust_remote_code))
+    if args.value_model is not None or args.reward_model is not None:
+        value_flag, value_source = ("--value-model", args.value_model) if args.value_model else ("--reward-model", args.reward_model)
+        value_model = load_scalar_model(value_source, value_flag, torch.float32, args.trust_remote_code)
+    else:  # the policy's backbone with a fresh scalar head
+        value_model = load_scalar_model(args.model, "--model", torch.float32, args.trust_remote_code, new_head=True)
+    model = PolicyAndValue(policy, value_model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = get_scheduler(args.lr_schedule, optimizer, args.warmup_updates, args.num_updates)
+    dataloader = DataLoader(dataset, batch_size=local_num_prompts, shuffle=True, drop_last=True, collate_fn=make_collator(tokenizer))
+    # prepare() shards the dataloader: each process draws its own prompts and scores its own
+    # responses; whitening and metrics are the only statistics that cross processes.
+    model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
+    ref_policy = ref_policy.to(accelerator.device)
+    reward_model = reward_model.to(accelerator.device) if reward_model is not None else None
+    set_seed(args.seed + accelerator.process_index * 100003)  # different samples on every process
+    gen_config = generation_config(tokenizer, args.max_new_tokens, args.temperature)
+    batches = repeat_forever(dataloader)
+    device = accelerator.device
+
+    trackers = {}
+    if accelerator.is_main_process:
+        trackers = init_tracking(args.run_name, asdict(args), os.path.join(args.output_dir, "metrics.jsonl"), args.track, args.wandb_project)
+        accelerator.print(
+            f"{args.run_name}: {args.num_updates} updates of {args.batch_size} responses "
+            f"({args.world_size} process(es) x {args.local_batch_size}), logs in runs/{args.run_name}"
+        )
+    progress = tqdm(range(1, args.num_updates + 1), disable=None if accelerator.is_main_process else True, desc=args.exp_name)
+    start_time = time.time()
+    for update in progress:
+        batch = next(batches)
+
+        # 1. Rollout
+        queries, query_mask = batch["queries"], batch["query_mask"]  # (B, P)
+        with torch.no_grad():
+            responses = generate(accelerator.unwrap_model(model).policy, queries, query_mask, gen_config)  # (B, T)
+        responses, response_mask, has_eos = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        query_responses = torch.cat([queries, responses], dim=1)  # (B, P+T)
+        attention_mask = torch.cat([query_mask, response_mask], dim=1)  # (B, P+T)
+        T = responses.shape[1]
+
+        # 2. Score
+        prompts = batch["prompt_text"]
+        columns = columns_for_reward(batch, 1)
+        scores, completions = score_responses(
+            queries, query_mask, responses, response_mask, has_eos, prompts, columns, tokenizer, reward_model, reward_fn
+        )
+        if args.missing_eos_penalty is not None:
+            scores = torch.where(has_eos, scores, torch.full_like(scores, args.missing_eos_penalty))
+
+        # 3. Log-probs
+        # Recomputed with the same forward as the update (not taken from generate), so the
+        # ratio of the first minibatch is exactly 1.
+        logprobs, ref_logprobs, entropy, values = [], [], [], []
+        with torch.no_grad():
+            for i in range(0, len(queries), args.local_micro_batch_size):
+                rows = slice(i, i + args.local_micro_batch_size)
+                logits, value = model(query_responses[rows], attention_mask[rows], T + 1)
+                logits = logits[:, :-1]
+                values.append(value[:, -T - 1 : -1])  # (b, T): V of the state each response token is sampled in
+                logprobs.append(selective_log_softmax(logits, responses[rows], args.temperature))
+                entropy.append(entropy_from_logits(logits, args.temperature))
+                ref_logits = forward(ref_policy, query_responses[rows], attention_mask[rows], logits_to_keep=T + 1).logits[:, :-1]
+                ref_logprobs.append(selective_log_softmax(ref_logits, responses[rows], args.temperature))
+                del logits, ref_logits
+        logprobs = torch.cat(logprobs).masked_fill(~response_mask, INVALID_LOGPROB)  # (B, T)
+        ref_logprobs = torch.cat(ref_logprobs).masked_fill(~response_mask, INVALID_LOGPROB)  # (B, T)
+        entropy = torch.cat(entropy)  # (B, T)
+        values = torch.cat(values).float().masked_fill(~response_mask, 0.0)  # (B, T)
+
+        # 4. KL-shaped rewards
+        kl = kl_per_token(logprobs, ref_logprobs, args.kl_estimator).masked_fill(~response_mask, 0.0)  # (B, T)
+        rewards = ppo_rewards(kl, scores, response_mask, args.kl_coef)  # (B, T)
+        if args.whiten_rewards:
+            rewards = masked_whiten(rewards, response_mask, shift_mean=False)
+
+        # 5. Advantages
+        advantages, returns = gae(rewards, values, response_mask, args.gamma, args.lam)  # (B, T)
+        advantages = masked_whiten(advantages, response_mask)
+
+        # 6. Update
+        # Token means over each minibatch: a micro-batch's token sum is divided by the minibatch's
+        # response tokens over all processes, shared out over the accumulation steps and processes
+        # that accelerator.backward and DDP divide by (never re-averaged per micro-batch).
+        stats = {"ratio": [], "clipped": [], "approxkl": [], "loss": [], "value_loss": [], "value_clipped": [], "vpred": []}
+        for _ in range(args.num_ppo_epochs):
+            order = torch.randperm(args.local_batch_size, device=device)
+            for mb_start in range(0, args.local_batch_size, args.local_mini_batch_size):
+                mb_rows = order[mb_start : mb_start + args.local_mini_batch_size]
+                num_tokens = accelerator.gather(response_mask[mb_rows].sum().reshape(1)).sum().item()
+                num_tokens = num_tokens / (args.gradient_accumulation_steps * args.world_size)
+                for mu_start in range(mb_start, mb_start + args.local_mini_batch_size, args.local_micro_batch_size):
+                    rows = order[mu_start : mu_start + args.local_micro_batch_size]
+                    mask = response_mask[rows]
+                    with accelerator.accumulate(model):
+                        logits, new_values = model(query_responses[rows], attention_mask[rows], T + 1)
+                        new_logprobs = selective_log_softmax(logits[:, :-1], responses[rows], args.temperature)
+                        new_values = new_values[:, -T - 1 : -1].float()
+                        pg_loss, ratio, clipped = policy_loss(
+                            new_logprobs, logprobs[rows], advantages[rows], mask, args.cliprange, num_tokens
+                        )
+                        vf_loss, vf_clipped = value_loss(new_values, values[rows], returns[rows], mask, args.cliprange_value, num_tokens)
+                        accelerator.backward(pg_loss + args.vf_coef * vf_loss)
+                        if accelerator.sync_gradients:
+                            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad()
+                    stats["ratio"].append(ratio[mask])
+                    stats["clipped"].append(clipped[mask].float())
+                    stats["approxkl"].append(0.5 * ratio[mask].log() ** 2)
+                    stats["loss"].append(pg_loss.detach().reshape(1))
+                    stats["value_loss"].append(vf_loss.detach().reshape(1))
+                    stats["value_clipped"].append(vf_clipped[mask].float())
+                    stats["vpred"].append(new_values.detach()[mask])
+                    del logits
+        scheduler.step()
+
+        # 7. Log
+        def global_mean(x: torch.Tensor) -> float:
+            """Mean over all processes of tensors whose sizes may differ (token counts do)."""
+            sums = accelerator.gather(torch.stack([x.double().sum(), torch.tensor(x.numel(), dtype=torch.float64, device=device)]))
+            return (sums[0::2].sum() / sums[1::2].sum()).item()
+
+        def global_var(x: torch.Tensor) -> float:
+            return global_mean((x.double() - global_mean(x)) ** 2)
+
+        ratio = torch.cat(stats["ratio"])
+        metrics = {
+            "objective/scores": global_mean(scores),
+            "objective/kl": global_mean(kl.sum(dim=1)),
+            "objective/rlhf_reward": global_mean(rewards),
+            "objective/entropy": global_mean(masked_sum(entropy, response_mask, dim=1)),
+            "policy/approxkl": global_mean(torch.cat(stats["approxkl"])),
+            "policy/clipfrac": global_mean(torch.cat(stats["clipped"])),
+            "loss/policy": global_mean(torch.cat(stats["loss"])),
+            "loss/value": global_mean(torch.cat(stats["value_loss"])),
+            "val/clipfrac": global_mean(torch.cat(stats["value_clipped"])),
+            "val/vpred": global_mean(torch.cat(stats["vpred"])),
+            "val/explained_variance": 1.0 - global_var((returns - values)[response_mask]) / global_var(returns[response_mask]),
+            "val/ratio": global_mean(ratio),
+            "val/ratio_var": global_var(ratio),
+            "val/num_eos_tokens": accelerator.gather(has_eos.float()).sum().item(),
+            "val/response_length": global_mean(response_mask.sum(dim=1)),
+            "val/advantage_abs": global_mean(advantages.abs()[response_mask]),
+            "lr": scheduler.get_last_lr()[0],
+            "episode": update * args.batch_size,
+            "eps": update * args.batch_size / (time.time() - start_time),
+        }
+        if not all(math.isfinite(v) for v in metrics.values()):
+            raise FloatingPointError(f"update {update}: non-finite metrics {metrics}")
+        if accelerator.is_main_process:
+            log_metrics(trackers, metrics, update)
+            progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+            progress.write(
+                f"update {update}/{args.num_updates} | episode {metrics['episode']} | score {metrics['objective/scores']:.3f}"
+                f" | kl {metrics['objective/kl']:.3f} | rlhf_reward {metrics['objective/rlhf_reward']:.3f}"
+                f" | entropy {metrics['objective/entropy']:.2f} | eps {metrics['eps']:.0f}"
+            )
+            if update == args.num_updates or (args.print_samples_every and update % args.print_samples_every == 0):
+                progress.write(samples_table(prompts, completions, scores.tolist()))
+
+    # Save: the full state dict is gathered on the main process, whatever the engine.
+    accelerator.wait_for_everyone()
+    state_dict = {k[len("policy.") :]: v for k, v in accelerator.get_state_dict(model).items() if k.startswith("policy.")}
+    accelerator.unwrap_model(model).policy.save_pretrained(
+        args.output_dir, state_dict=state_dict, save_function=accelerator.save, is_main_process=accelerator.is_main_process
+    )
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(args.output_dir)
+        close_tracking(trackers)
+        accelerator.print(f"saved the trained policy and tokenizer to {args.output_dir}")
+    accelerator.end_training()
+    return metrics
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
