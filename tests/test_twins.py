@@ -1,0 +1,67 @@
+"""The three algorithm files are twins: same sections in the same order, and small diffs.
+
+Budgets were calibrated once on the first complete versions (measured: rloo<->remax 175 changed
+lines, rloo<->ppo 226, about 40 of each in the module docstrings). Raising one is a decision to
+write down in the commit message, not a fix for a failing test."""
+
+import difflib
+import os
+import re
+
+import pytest
+
+from conftest import ROOT
+
+FILES = ["rloo.py", "remax.py", "ppo.py"]
+BUDGETS = {("rloo.py", "remax.py"): 180, ("rloo.py", "ppo.py"): 230}
+SECTIONS = [
+    '"""', "\nimport ", "\n@dataclass\nclass Args:", "    # Experiment\n", "    # Model\n", "    # Data\n",
+    "    # Generation\n", "    # Optimization\n", "    # Batch sizes\n", "    # Algorithm\n", "    # Filled in at runtime\n",
+    "\n# ---- Algorithm ----\n", "\ndef main(args: Args) -> dict:", "        # 1. Rollout\n", "        # 2. Score\n",
+    "        # 3. Log-probs\n", "        # 4. KL-shaped rewards\n", "        # 5. Advantages\n", "        # 6. Update\n",
+    "        # 7. Log\n", '\nif __name__ == "__main__":\n    main(tyro.cli(Args))\n',
+]
+
+
+def _read(name):
+    with open(os.path.join(ROOT, name)) as f:
+        return f.read()
+
+
+def changed_lines(a: str, b: str) -> int:
+    """Lines only in a plus lines only in b, as `diff a b | grep -c '^[<>]'` counts them."""
+    diff = difflib.unified_diff(_read(a).splitlines(), _read(b).splitlines(), lineterm="", n=0)
+    return sum(1 for line in diff if line[:1] in "+-" and not line.startswith(("+++", "---")))
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_sections_in_order(name):
+    text, position = _read(name), 0
+    for header in SECTIONS:
+        found = text.find(header, position)
+        assert found >= 0, f"{name}: {header.strip()!r} missing or out of order"
+        position = found + 1
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_module_docstring_is_short_and_names_its_twin(name):
+    docstring = re.match(r'"""(.*?)"""', _read(name), re.S).group(1)
+    assert len(docstring.splitlines()) <= 25
+    assert "arXiv" in docstring and "Differences from" in docstring
+    assert f"python {name}" in docstring and f"accelerate launch" in docstring
+
+
+@pytest.mark.parametrize("pair", list(BUDGETS))
+def test_diff_within_budget(pair):
+    n = changed_lines(*pair)
+    assert n <= BUDGETS[pair], f"{pair[0]} <-> {pair[1]}: {n} changed lines, budget {BUDGETS[pair]}"
+
+
+def test_no_algorithm_leftovers():
+    """Metrics and knobs an algorithm does not have must not leak in by copy-paste."""
+    rloo, remax, ppo = _read("rloo.py"), _read("remax.py"), _read("ppo.py")
+    for text in (rloo, remax):
+        assert "loss/value" not in text and "vf_coef" not in text and "value_model" not in text
+    assert "policy/clipfrac" not in remax and "cliprange" not in remax  # ReMax clips nothing
+    assert "rloo_k" not in remax and "rloo_k" not in ppo
+    assert "baseline_scores" not in rloo and "baseline_scores" not in ppo
