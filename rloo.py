@@ -185,6 +185,8 @@ def main(args: Args) -> dict:
     local_num_prompts = exact_div(args.local_batch_size, args.rloo_k, "responses per process per update (local_batch_size) vs --rloo-k")
     if args.num_updates < 1:
         raise ValueError(f"--total-episodes {args.total_episodes} is less than one batch of {args.batch_size} responses")
+    if args.temperature <= 0:
+        raise ValueError(f"--temperature {args.temperature}: sampling needs a positive temperature")
     if args.reward_model is not None and args.reward_fn is not None:
         raise ValueError("give --reward-model or --reward-fn, not both")
     if args.model is not None and args.reward_model is None and args.reward_fn is None:
@@ -198,7 +200,8 @@ def main(args: Args) -> dict:
     if args.model is None:  # the built-in toy task
         with accelerator.main_process_first():
             args.model = build_toy(print_fn=accelerator.print)
-        args.reward_fn = args.reward_fn or "common.toy:sort_reward"
+        if args.reward_model is None and args.reward_fn is None:
+            args.reward_fn = "common.toy:sort_reward"
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     raw_dataset = toy_dataset() if args.dataset is None else load_prompt_dataset(args.dataset, args.dataset_split)
     dataset = tokenize_prompts(
