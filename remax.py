@@ -201,7 +201,6 @@ def main(args: Args) -> dict:
         raise ValueError("give the prompts: --dataset <hub id, directory or file>")
     args.run_name = args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}"
     args.output_dir = args.output_dir or os.path.join("output", args.run_name)
-    set_seed(args.seed)  # same initial weights and data order on every process
 
     if args.model is None:  # the built-in toy task
         with accelerator.main_process_first():
@@ -223,6 +222,7 @@ def main(args: Args) -> dict:
     else:
         check_scalar_head(args.reward_model, "--reward-model", args.trust_remote_code)
 
+    set_seed(args.seed)  # same initial weights and data order on every process
     frozen_dtype = torch.bfloat16 if args.bf16 else torch.float32
     policy = load_policy(args.model, torch.float32, args.trust_remote_code)
     ref_policy = load_frozen(load_policy(args.model, frozen_dtype, args.trust_remote_code))
@@ -231,7 +231,10 @@ def main(args: Args) -> dict:
         reward_model = load_frozen(load_scalar_model(args.reward_model, "--reward-model", frozen_dtype, args.trust_remote_code))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = get_scheduler(args.lr_schedule, optimizer, args.warmup_updates, args.num_updates)
-    dataloader = DataLoader(dataset, batch_size=local_num_prompts, shuffle=True, drop_last=True, collate_fn=make_collator(tokenizer))
+    dataloader = DataLoader(
+        dataset, batch_size=local_num_prompts, shuffle=True, drop_last=True, collate_fn=make_collator(tokenizer),
+        generator=torch.Generator().manual_seed(args.seed),  # Accelerate syncs it: one prompt order for all processes
+    )
     # prepare() shards the dataloader: each process draws its own prompts and generates both the
     # sampled and the greedy response of each, so every pair lives on one process.
     policy, optimizer, dataloader = accelerator.prepare(policy, optimizer, dataloader)
