@@ -23,6 +23,7 @@ Differences from remax.py:
 
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -30,15 +31,16 @@ from typing import Literal
 import torch
 import tyro
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from common.checkpoint import all_finite, catch_stop_signals, check_output_dir, find_checkpoint, model_shape, resume_command, save_checkpoint
 from common.data import columns_for_reward, load_prompt_dataset, make_collator, repeat_forever, tokenize_prompts
-from common.models import check_scalar_head, load_frozen, load_policy, load_scalar_model, load_tokenizer
+from common.models import check_scalar_head, load_config, enable_gradient_checkpointing, load_frozen, load_policy, load_scalar_model, load_tokenizer, prepare_frozen
 from common.ops import INVALID_LOGPROB, entropy_from_logits, exact_div, forward, masked_sum, selective_log_softmax
-from common.rollout import generate, generation_config, import_reward_fn, score_responses, score_with_fn, truncate_after_eos
+from common.rollout import generate, generation_config, import_reward_fn, needs_synced_generation, score_responses, score_with_fn, truncate_after_eos
 from common.toy import build_toy, toy_dataset
 from common.tracking import close_tracking, init_tracking, log_metrics, samples_table
 
@@ -58,6 +60,14 @@ class Args:
     """the wandb project, with --track"""
     print_samples_every: int = 10
     """print a table of (prompt, completion, score) every N updates and at the end (0: only at the end)"""
+    save_every: int = 0
+    """write a resumable checkpoint to <output dir>/checkpoints every N updates (0: only on SIGINT/SIGTERM)"""
+    keep_last: int = 2
+    """checkpoints to keep; older ones are deleted"""
+    resume_from: str | None = None
+    """continue a run from a checkpoint directory, or 'latest' in the --output-dir of that run"""
+    overwrite: bool = False
+    """allow --output-dir to hold a finished run (or an unfinished one to restart)"""
 
     # Model
     model: str | None = None
@@ -70,6 +80,8 @@ class Args:
     """allow model code from the hub"""
     bf16: bool = False
     """bfloat16 autocast for the policy, bfloat16 weights for the frozen models"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass: less memory, ~30% more time (off while generating)"""
 
     # Data
     dataset: str | None = None
@@ -102,6 +114,8 @@ class Args:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping by global norm"""
+    skip_nonfinite: bool = False
+    """skip a batch whose scores, KL or advantages hold NaN/inf (counted in val/skipped_batches) instead of stopping"""
     total_episodes: int = 38400
     """responses to sample in the whole run; num_updates = total_episodes // batch_size"""
 
@@ -173,9 +187,13 @@ def policy_loss(new_logprobs, old_logprobs, advantages, response_mask, cliprange
 def main(args: Args) -> dict:
     # ---- Set-up: every check that costs nothing comes before any model is loaded ----
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision="bf16" if args.bf16 else "no"
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision="bf16" if args.bf16 else "no",
+        # epoch e's prompt order depends only on (seed, e): the same on every process, and after a resume
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
     args.world_size = accelerator.num_processes
+    if int(os.environ.get("WORLD_SIZE", 1)) != args.world_size:  # each process would train alone
+        raise RuntimeError(f"launched as {os.environ['WORLD_SIZE']} processes but Accelerate sees {args.world_size}; on CPU set ACCELERATE_USE_CPU=1")
     args.local_mini_batch_size = args.local_micro_batch_size * args.gradient_accumulation_steps
     args.local_batch_size = args.local_mini_batch_size * args.num_minibatches
     args.batch_size = args.local_batch_size * args.world_size
@@ -193,8 +211,13 @@ def main(args: Args) -> dict:
         raise ValueError("give a reward: --reward-model <path or hub id> or --reward-fn module:function")
     if args.model is not None and args.dataset is None:
         raise ValueError("give the prompts: --dataset <hub id, directory or file>")
+    if args.resume_from not in (None, "latest") and args.output_dir is None:  # <output dir>/checkpoints/update-n
+        args.output_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.resume_from)))
+    if args.resume_from == "latest" and args.output_dir is None:
+        raise ValueError("--resume-from latest looks in <output dir>/checkpoints: also pass the --output-dir of the run")
     args.run_name = args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}"
     args.output_dir = args.output_dir or os.path.join("output", args.run_name)
+    check_output_dir(args.output_dir, args.resume_from, args.overwrite)
 
     if args.model is None:  # the built-in toy task
         with accelerator.main_process_first():
@@ -202,6 +225,11 @@ def main(args: Args) -> dict:
         if args.reward_model is None and args.reward_fn is None:
             args.reward_fn = "common.toy:sort_reward"
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    algorithm, shape = os.path.basename(__file__)[: -len(".py")], model_shape(load_config(args.model, "--model", args.trust_remote_code))
+    resume_path, resume_state = None, {"update": 0, "skipped_batches": 0}
+    if args.resume_from is not None:
+        resume_path, resume_state = find_checkpoint(args.resume_from, args.output_dir, algorithm, shape)
+        args.run_name = resume_state["run_name"]  # continue the same TensorBoard run
     raw_dataset = toy_dataset() if args.dataset is None else load_prompt_dataset(args.dataset, args.dataset_split)
     dataset = tokenize_prompts(
         raw_dataset, args.prompt_column, tokenizer, args.max_prompt_length, args.prompt_truncation, accelerator.print
@@ -223,30 +251,43 @@ def main(args: Args) -> dict:
     reward_model = None
     if args.reward_model is not None:
         reward_model = load_frozen(load_scalar_model(args.reward_model, "--reward-model", frozen_dtype, args.trust_remote_code))
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = get_scheduler(args.lr_schedule, optimizer, args.warmup_updates, args.num_updates)
     dataloader = DataLoader(
         dataset, batch_size=local_num_prompts, shuffle=True, drop_last=True, collate_fn=make_collator(tokenizer),
-        generator=torch.Generator().manual_seed(args.seed),  # Accelerate syncs it: one prompt order for all processes
+        generator=torch.Generator().manual_seed(args.seed),  # starting an epoch must not draw from the sampling RNG
     )
     # prepare() shards the dataloader: each process draws its own prompts and samples all K
     # responses of each, so every group of K lives on one process.
     policy, optimizer, dataloader = accelerator.prepare(policy, optimizer, dataloader)
-    ref_policy = ref_policy.to(accelerator.device)
-    reward_model = reward_model.to(accelerator.device) if reward_model is not None else None
+    ref_policy = prepare_frozen(ref_policy, accelerator)  # after prepare(): ZeRO-3 reads the filled-in config
+    reward_model = prepare_frozen(reward_model, accelerator) if reward_model is not None else None
     set_seed(args.seed + accelerator.process_index * 100003)  # different samples on every process
+    accelerator.register_for_checkpointing(scheduler)
+    if resume_path is not None:  # weights, optimizer, scheduler and every process's RNG states
+        accelerator.load_state(resume_path)
+        accelerator.print(f"resumed from {resume_path} after update {resume_state['update']}")
+    start_update, skipped_batches = resume_state["update"], resume_state["skipped_batches"]
     gen_config = generation_config(tokenizer, args.max_new_tokens, args.temperature)
-    batches = repeat_forever(dataloader)
+    synced = needs_synced_generation(accelerator)  # sharded weights: every process steps until all are done
+    batches = repeat_forever(dataloader, skip=start_update)
     device = accelerator.device
 
     trackers = {}
     if accelerator.is_main_process:
-        trackers = init_tracking(args.run_name, asdict(args), os.path.join(args.output_dir, "metrics.jsonl"), args.track, args.wandb_project)
+        metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+        trackers = init_tracking(args.run_name, asdict(args), metrics_path, args.track, args.wandb_project, start_update)
         accelerator.print(
             f"{args.run_name}: {args.num_updates} updates of {args.batch_size} responses "
             f"({args.world_size} process(es) x {args.local_batch_size}), logs in runs/{args.run_name}"
         )
-    progress = tqdm(range(1, args.num_updates + 1), disable=None if accelerator.is_main_process else True, desc=args.exp_name)
+    stop = catch_stop_signals()  # Ctrl-C / pre-emption: finish the update, checkpoint, exit
+    progress = tqdm(
+        range(start_update + 1, args.num_updates + 1), initial=start_update, total=args.num_updates,
+        disable=None if accelerator.is_main_process else True, desc=args.exp_name,
+    )
     start_time = time.time()
     for update in progress:
         batch = next(batches)
@@ -255,7 +296,7 @@ def main(args: Args) -> dict:
         queries = batch["queries"].repeat_interleave(args.rloo_k, dim=0)  # (B, P): rows n*K..n*K+K-1 answer prompt n
         query_mask = batch["query_mask"].repeat_interleave(args.rloo_k, dim=0)  # (B, P)
         with torch.no_grad():
-            responses = generate(accelerator.unwrap_model(policy), queries, query_mask, gen_config)  # (B, T)
+            responses = generate(accelerator.unwrap_model(policy), queries, query_mask, gen_config, synced)  # (B, T)
         responses, response_mask, has_eos = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
         query_responses = torch.cat([queries, responses], dim=1)  # (B, P+T)
         attention_mask = torch.cat([query_mask, response_mask], dim=1)  # (B, P+T)
@@ -294,6 +335,10 @@ def main(args: Args) -> dict:
         # 5. Advantages
         advantages = rloo_advantages(rewards, args.rloo_k)  # (B,)
 
+        if not all_finite(accelerator.reduce, update, args.skip_nonfinite, scores=scores, kl=kl, advantages=advantages):
+            skipped_batches += 1
+            continue  # every process skips this batch together
+
         # 6. Update
         # Every micro-batch holds the same number of responses, so the per-micro-batch mean that
         # accelerator.backward divides by gradient_accumulation_steps is the minibatch mean.
@@ -309,6 +354,8 @@ def main(args: Args) -> dict:
                         loss, ratio, clipped = policy_loss(
                             new_logprobs, logprobs[rows], advantages[rows], response_mask[rows], args.cliprange
                         )
+                        if not torch.isfinite(loss):
+                            raise FloatingPointError(f"update {update}: non-finite loss; stopped before applying it")
                         accelerator.backward(loss)
                         if accelerator.sync_gradients:
                             accelerator.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
@@ -319,6 +366,7 @@ def main(args: Args) -> dict:
                     stats["approxkl"].append(0.5 * ratio.log() ** 2)
                     stats["loss"].append(loss.detach().reshape(1))
                     del logits
+        lr = scheduler.get_last_lr()[0]  # the rate this update used
         scheduler.step()
 
         # 7. Log
@@ -334,7 +382,7 @@ def main(args: Args) -> dict:
         metrics = {
             "objective/scores": global_mean(scores),
             "objective/kl": global_mean(kl.sum(dim=1)),
-            "objective/rlhf_reward": global_mean(rewards),
+            "objective/rlhf_reward": global_mean(scores - args.kl_coef * kl.sum(dim=1)),
             "objective/entropy": global_mean(masked_sum(entropy, response_mask, dim=1)),
             "policy/approxkl": global_mean(torch.cat(stats["approxkl"])),
             "policy/clipfrac": global_mean(torch.cat(stats["clipped"])),
@@ -344,9 +392,10 @@ def main(args: Args) -> dict:
             "val/num_eos_tokens": accelerator.gather(has_eos.float()).sum().item(),
             "val/response_length": global_mean(response_mask.sum(dim=1)),
             "val/advantage_abs": global_mean(advantages.abs()),
-            "lr": scheduler.get_last_lr()[0],
+            "lr": lr,
             "episode": update * args.batch_size,
-            "eps": update * args.batch_size / (time.time() - start_time),
+            "val/skipped_batches": skipped_batches,
+            "eps": (update - start_update) * args.batch_size / (time.time() - start_time),
         }
         if not all(math.isfinite(v) for v in metrics.values()):
             raise FloatingPointError(f"update {update}: non-finite metrics {metrics}")
@@ -361,6 +410,17 @@ def main(args: Args) -> dict:
             if update == args.num_updates or (args.print_samples_every and update % args.print_samples_every == 0):
                 progress.write(samples_table(prompts[:: args.rloo_k], completions[:: args.rloo_k], scores[:: args.rloo_k].tolist()))
 
+        stopping = accelerator.reduce(torch.tensor(float(stop["signal"] is not None), device=device)).item() > 0
+        if stopping or (args.save_every and update % args.save_every == 0):
+            checkpoint_state = {"algorithm": algorithm, "update": update, "run_name": args.run_name, "model_shape": shape,
+                                "skipped_batches": skipped_batches}
+            path = save_checkpoint(accelerator, args.output_dir, checkpoint_state, args.keep_last)
+            accelerator.print(f"checkpoint: {path}")
+        if stopping:
+            progress.close()
+            accelerator.print(f"stopped after update {update}; to continue: {resume_command(sys.argv, args.output_dir)}")
+            raise SystemExit(128 + (stop["signal"] or 15))
+
     # Save: the full state dict is gathered on the main process, whatever the engine.
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(policy)
@@ -371,6 +431,7 @@ def main(args: Args) -> dict:
         tokenizer.save_pretrained(args.output_dir)
         close_tracking(trackers)
         accelerator.print(f"saved the trained policy and tokenizer to {args.output_dir}")
+    accelerator.wait_for_everyone()  # leave together: gloo's teardown can hang while a peer is already gone
     accelerator.end_training()
     return metrics
 

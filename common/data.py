@@ -92,14 +92,16 @@ def make_collator(tokenizer):
     return collate
 
 
-def repeat_forever(dataloader):
-    """Yield batches epoch after epoch (the sampler reshuffles each epoch)."""
-    epoch = 0
+def repeat_forever(dataloader, skip: int = 0):
+    """Batches epoch after epoch. With Accelerate's seedable sampler the order of epoch e depends
+    only on (seed, e), so a resumed run skips the `skip` batches already used and continues exactly."""
+    epoch, skip = divmod(skip, len(dataloader))
     while True:
-        if hasattr(dataloader, "set_epoch"):
-            dataloader.set_epoch(epoch)
-        yield from dataloader
-        epoch += 1
+        dataloader.set_epoch(epoch)
+        for i, batch in enumerate(dataloader):
+            if i >= skip:
+                yield batch
+        epoch, skip = epoch + 1, 0
 
 
 def columns_for_reward(batch: dict, repeats: int) -> dict:

@@ -1,9 +1,10 @@
 """Loading the tokenizer and the models (policy, frozen reference, reward, value) with dropout off."""
 
+import copy
 import os
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from common.ops import position_ids_from_mask
 
@@ -55,10 +56,36 @@ def load_policy(name: str, dtype: torch.dtype = torch.float32, trust_remote_code
     return disable_dropout(model)
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute activations in the backward pass, in every transformers model inside `model` (PPO's
+    wrapper holds two). Transformers only checkpoints in train mode; with dropout off, train mode
+    changes nothing else (generate() switches to eval for its KV cache)."""
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and module.supports_gradient_checkpointing:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+
 def load_frozen(model: torch.nn.Module) -> torch.nn.Module:
     """Eval mode, no gradients: for the reference and the reward model."""
     model.eval().requires_grad_(False)
     return model
+
+
+def prepare_frozen(model: torch.nn.Module, accelerator):
+    """Place a frozen model: a full copy on every device, except under DeepSpeed ZeRO-3, where it
+    becomes a sharded ZeRO-3 inference engine built from the training config (call after prepare(),
+    which fills that config in). Under FSDP the frozen models stay replicated."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3:
+        return model.to(accelerator.device)
+    import deepspeed
+
+    config = copy.deepcopy(plugin.deepspeed_config)
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    return engine.eval()
 
 
 def check_scalar_head(name: str, flag: str, trust_remote_code: bool = False) -> None:

@@ -74,14 +74,15 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Ten
     return masked_sum(values, mask, dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(values - mean) / std over the masked elements, unbiased variance. With fewer than two
-    valid elements the variance is undefined, so values are only centred (never divided by ~0)."""
-    mean = masked_mean(values, mask)
-    n = mask.sum()
-    var = masked_sum((values - mean) ** 2, mask) / (n - 1).clamp(min=1)
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, all_reduce=None) -> torch.Tensor:
+    """(values - mean) / std over the masked elements, unbiased variance. all_reduce(t) sums a
+    tensor over processes (e.g. accelerator.reduce) so the statistics are those of the global batch.
+    With fewer than two valid elements the variance is undefined, so values are only centred."""
+    total = (lambda t: t) if all_reduce is None else all_reduce
+    n = total(mask.sum().to(values.dtype))
+    mean = total(masked_sum(values, mask)) / n.clamp(min=1)
+    var = total(masked_sum((values - mean) ** 2, mask)) / (n - 1).clamp(min=1)
     whitened = (values - mean) * torch.rsqrt(var + 1e-8) if n >= 2 else values - mean
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask, whitened, torch.zeros_like(whitened))
-

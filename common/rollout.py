@@ -4,6 +4,7 @@ import importlib
 import math
 
 import torch
+from accelerate.utils import DistributedType
 from transformers import GenerationConfig
 
 from common.models import scalar_head_values
@@ -23,11 +24,24 @@ def generation_config(tokenizer, max_new_tokens: int, temperature: float, greedy
     )
 
 
+def needs_synced_generation(accelerator) -> bool:
+    """Under DeepSpeed ZeRO-3 and FSDP every forward gathers sharded weights collectively, so a
+    process whose responses all ended must keep stepping until every process is done."""
+    plugin = accelerator.state.deepspeed_plugin
+    return (plugin is not None and plugin.zero_stage == 3) or accelerator.distributed_type == DistributedType.FSDP
+
+
 @torch.no_grad()
-def generate(model, queries: torch.Tensor, query_mask: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
-    """Responses (B, T) to left-padded queries (B, P), T <= max_new_tokens. `generate` builds
-    position ids from the attention mask itself; its scores are discarded (recomputed later)."""
-    query_responses = model.generate(input_ids=queries, attention_mask=query_mask.long(), generation_config=config)
+def generate(model, queries: torch.Tensor, query_mask: torch.Tensor, config: GenerationConfig, synced: bool = False):
+    """Responses (B, T) to left-padded queries (B, P), T <= max_new_tokens. Runs in eval mode (KV
+    cache on, gradient checkpointing off). `generate` builds position ids from the attention mask
+    itself; its scores are discarded (recomputed later)."""
+    was_training = model.training
+    model.eval()
+    query_responses = model.generate(
+        input_ids=queries, attention_mask=query_mask.long(), generation_config=config, synced_gpus=synced
+    )
+    model.train(was_training)
     return query_responses[:, queries.shape[1]:]
 
 

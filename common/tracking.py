@@ -5,14 +5,20 @@ import json
 import os
 
 
-def init_tracking(run_name: str, config: dict, metrics_path: str, track: bool, wandb_project: str) -> dict:
-    """TensorBoard writer at runs/<run_name>, the JSONL file, and a wandb run when track is set."""
+def init_tracking(run_name: str, config: dict, metrics_path: str, track: bool, wandb_project: str, resume_update: int = 0) -> dict:
+    """TensorBoard writer at runs/<run_name>, the JSONL file, and a wandb run when track is set.
+    Resuming after update n drops what was logged after n, so no update appears twice."""
     from torch.utils.tensorboard import SummaryWriter
 
-    trackers = {"tensorboard": SummaryWriter(os.path.join("runs", run_name))}
+    trackers = {"tensorboard": SummaryWriter(os.path.join("runs", run_name), purge_step=resume_update + 1 if resume_update else None)}
     trackers["tensorboard"].add_text("args", "\n".join(f"{k}: {v}" for k, v in config.items()))
     os.makedirs(os.path.dirname(metrics_path) or ".", exist_ok=True)
-    trackers["jsonl"] = open(metrics_path, "a")
+    kept = []
+    if resume_update and os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            kept = [line for line in f if json.loads(line)["update"] <= resume_update]
+    trackers["jsonl"] = open(metrics_path, "w")
+    trackers["jsonl"].writelines(kept)
     if track:
         try:
             import wandb

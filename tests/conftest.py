@@ -111,3 +111,14 @@ def tiny_args(module, tmp_path, **overrides):
 def _in_tmp_dir(tmp_path, monkeypatch):
     """Each test runs in its own folder, so runs/ and output/ never land in the repository."""
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def _restore_signal_handlers():
+    """main() installs SIGINT/SIGTERM handlers for a clean stop; give pytest its own back."""
+    import signal
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)

@@ -132,6 +132,9 @@ def test_main_first_minibatch_ratio_one(tmp_path, llama_dir, prompts_jsonl):
 def test_main_one_epoch_is_on_policy(tmp_path, llama_dir, prompts_jsonl):
     args = tiny_args(ppo, tmp_path, model=llama_dir, dataset=prompts_jsonl, reward_fn="common.toy:sort_reward", num_ppo_epochs=1)
     metrics = ppo.main(args)
+    # the objective is per response: score - beta * summed KL (not a mean over token slots)
+    expected = metrics["objective/scores"] - args.kl_coef * metrics["objective/kl"]
+    assert_close(torch.tensor(metrics["objective/rlhf_reward"]), torch.tensor(expected), atol=1e-6, rtol=1e-6)
     assert_close(torch.tensor(metrics["val/ratio"]), torch.tensor(1.0), atol=1e-5, rtol=0)
     assert_close(torch.tensor(metrics["policy/approxkl"]), torch.tensor(0.0), atol=1e-8, rtol=0)
     assert metrics["policy/clipfrac"] == 0.0
@@ -146,7 +149,7 @@ def test_main_reward_model_pad_equals_eos_and_explicit_value_model(tmp_path, gpt
     assert all(math.isfinite(v) for v in metrics.values())
     assert_close(torch.tensor(metrics["val/ratio"]), torch.tensor(1.0), atol=1e-5, rtol=0)
     args = tiny_args(ppo, tmp_path, model=gpt2_dir, reward_model=gpt2_reward_dir, value_model=gpt2_reward_dir,
-                     dataset=prompts_jsonl, whiten_rewards=True, total_episodes=16)
+                     dataset=prompts_jsonl, whiten_rewards=True, total_episodes=16, output_dir=str(tmp_path / "out2"))
     assert all(math.isfinite(v) for v in ppo.main(args).values())
 
 

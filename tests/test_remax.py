@@ -72,6 +72,9 @@ def test_loss_matches_naive_sum_and_gradient_vanishes_when_sample_is_greedy():
 def test_main_two_updates(tmp_path, llama_dir, prompts_jsonl):
     args = tiny_args(remax, tmp_path, model=llama_dir, dataset=prompts_jsonl, reward_fn="common.toy:sort_reward")
     metrics = remax.main(args)
+    # the objective is per response: score - beta * summed KL (not a mean over token slots)
+    expected = metrics["objective/scores"] - args.kl_coef * metrics["objective/kl"]
+    assert_close(torch.tensor(metrics["objective/rlhf_reward"]), torch.tensor(expected), atol=1e-6, rtol=1e-6)
     assert all(math.isfinite(v) for v in metrics.values())
     assert_close(torch.tensor(metrics["val/ratio"]), torch.tensor(1.0), atol=1e-5, rtol=0)
     assert_close(torch.tensor(metrics["policy/approxkl"]), torch.tensor(0.0), atol=1e-8, rtol=0)

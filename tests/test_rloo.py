@@ -81,6 +81,9 @@ def _read_metrics(path):
 def test_main_two_updates_ratio_one(tmp_path, llama_dir, prompts_jsonl):
     args = tiny_args(rloo, tmp_path, model=llama_dir, dataset=prompts_jsonl, reward_fn="common.toy:sort_reward")
     metrics = rloo.main(args)
+    # the objective is per response: score - beta * summed KL (not a mean over token slots)
+    expected = metrics["objective/scores"] - args.kl_coef * metrics["objective/kl"]
+    assert_close(torch.tensor(metrics["objective/rlhf_reward"]), torch.tensor(expected), atol=1e-6, rtol=1e-6)
     assert all(math.isfinite(v) for v in metrics.values())
     # one epoch, one minibatch: fully on-policy, so fp32 ratio is 1 and approx-KL is 0
     assert_close(torch.tensor(metrics["val/ratio"]), torch.tensor(1.0), atol=1e-5, rtol=0)

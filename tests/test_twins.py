@@ -2,18 +2,20 @@
 
 Budgets were calibrated once on the first complete versions (measured: rloo<->remax 175 changed
 lines, rloo<->ppo 226, about 40 of each in the module docstrings). Raising one is a decision to
-write down in the commit message, not a fix for a failing test."""
+write down in the commit message, not a fix for a failing test.
+Raised once: rloo<->remax 180 -> 185 with the non-finite checks (issue 7), which name each
+algorithm's own quantities and sit at ReMax's shallower loop indentation."""
 
-import difflib
 import os
 import re
+import subprocess
 
 import pytest
 
 from conftest import ROOT
 
 FILES = ["rloo.py", "remax.py", "ppo.py"]
-BUDGETS = {("rloo.py", "remax.py"): 180, ("rloo.py", "ppo.py"): 230}
+BUDGETS = {("rloo.py", "remax.py"): 185, ("rloo.py", "ppo.py"): 230}
 SECTIONS = [
     '"""', "\nimport ", "\n@dataclass\nclass Args:", "    # Experiment\n", "    # Model\n", "    # Data\n",
     "    # Generation\n", "    # Optimization\n", "    # Batch sizes\n", "    # Algorithm\n", "    # Filled in at runtime\n",
@@ -29,9 +31,9 @@ def _read(name):
 
 
 def changed_lines(a: str, b: str) -> int:
-    """Lines only in a plus lines only in b, as `diff a b | grep -c '^[<>]'` counts them."""
-    diff = difflib.unified_diff(_read(a).splitlines(), _read(b).splitlines(), lineterm="", n=0)
-    return sum(1 for line in diff if line[:1] in "+-" and not line.startswith(("+++", "---")))
+    """`diff a b | grep -c '^[<>]'`, the number the README quotes (difflib aligns differently)."""
+    out = subprocess.run(["diff", a, b], capture_output=True, text=True, cwd=ROOT).stdout
+    return sum(1 for line in out.splitlines() if line[:1] in "<>")
 
 
 @pytest.mark.parametrize("name", FILES)

@@ -1,0 +1,92 @@
+"""Two CPU processes (gloo, through torchrun) must make the same update as one process on the same
+global batch: same prompts, same responses, same parameters afterwards, same logged metrics.
+
+Sampling is seeded per process, so the responses of a 2-process run differ from those of a
+1-process run. To compare the updates, `generate` is replaced by a function whose output depends
+only on the prompt and its copy index (k-th sample of that prompt). And because Adam's step hardly
+depends on the scale of the gradient (a loss twice too large on two processes would pass), the
+optimizer is swapped for plain SGD with clipping off, so the parameter change is -lr * gradient.
+Everything else is the real script: data sharding, rollout forwards, scoring, advantages,
+whitening, loss normalisation, gradient accumulation, DDP's averaging and the metrics gathering."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from conftest import ROOT
+
+LAUNCHER = '''
+import json, os, sys, zlib
+import torch
+sys.path.insert(0, {root!r})
+import importlib
+name, model, dataset, out, micro = sys.argv[1:6]
+module = importlib.import_module(name)
+
+def fixed_generate(model, queries, query_mask, config, synced=False):
+    rows, copies = [], {{}}
+    for q, m in zip(queries, query_mask):
+        prompt = tuple(q[m].tolist())
+        k = copies.get(prompt, 0)
+        copies[prompt] = k + 1
+        g = torch.Generator().manual_seed(zlib.crc32(repr((prompt, k, config.do_sample)).encode()))
+        row = torch.randint(3, 29, (config.max_new_tokens,), generator=g)  # letters of the toy vocabulary
+        stop = int(torch.randint(1, config.max_new_tokens + 2, (1,), generator=g))
+        if stop <= config.max_new_tokens:
+            row[stop - 1] = config.eos_token_id  # the rest is truncated by the script; past the end: no EOS
+        rows.append(row)
+    return torch.stack(rows).to(queries.device)
+
+module.generate = fixed_generate
+torch.optim.AdamW = lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr)
+args = module.Args(model=model, dataset=dataset, reward_fn="common.toy:sort_reward", output_dir=out, run_name="dist",
+                   local_micro_batch_size=int(micro), gradient_accumulation_steps=2, total_episodes=16, max_new_tokens=6,
+                   print_samples_every=0, learning_rate=1.0, max_grad_norm=1e9, **json.loads(os.environ.get("EXTRA_ARGS", "{{}}")))
+module.main(args)
+'''
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(tmp_path, name, model, dataset, processes):
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(LAUNCHER.format(root=ROOT))
+    out = tmp_path / f"{name}-{processes}"
+    micro = str(8 // processes)  # 2 accumulation steps x 8 // processes x processes = 16 responses per update
+    prefix = [sys.executable]
+    if processes > 1:
+        prefix += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(_free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}  # else Accelerate ignores torchrun on CPU
+    result = subprocess.run(prefix + [str(launcher), name, model, dataset, str(out), micro],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    with open(out / "metrics.jsonl") as f:
+        return out, json.loads(f.readline())
+
+
+@pytest.mark.parametrize("name", ["rloo", "remax", "ppo"])
+def test_two_processes_match_one(tmp_path, name, llama_dir, prompts_jsonl):
+    from transformers import AutoModelForCausalLM
+
+    one_dir, one = _run(tmp_path, name, llama_dir, prompts_jsonl, 1)
+    two_dir, two = _run(tmp_path, name, llama_dir, prompts_jsonl, 2)
+    start = AutoModelForCausalLM.from_pretrained(llama_dir).state_dict()
+    after_one = AutoModelForCausalLM.from_pretrained(one_dir).state_dict()
+    after_two = AutoModelForCausalLM.from_pretrained(two_dir).state_dict()
+    moved = max((after_one[k] - start[k]).abs().max().item() for k in start)
+    assert moved > 1e-3  # the update did something, so agreeing is not trivial
+    for key in start:
+        assert_close(after_two[key] - start[key], after_one[key] - start[key], atol=1e-7, rtol=1e-4, msg=key)
+    for key in one:
+        if key not in ("eps",):
+            assert_close(torch.tensor(two[key]), torch.tensor(one[key]), atol=1e-5, rtol=1e-4, msg=key)
