@@ -38,7 +38,7 @@ from transformers import get_scheduler
 from common.checkpoint import all_finite, catch_stop_signals, check_output_dir, find_checkpoint, model_shape, resume_command, save_checkpoint
 from common.data import columns_for_reward, load_prompt_dataset, make_collator, repeat_forever, tokenize_prompts
 from common.models import check_scalar_head, load_config, enable_gradient_checkpointing, load_frozen, load_policy, load_scalar_model, load_tokenizer, prepare_frozen
-from common.ops import INVALID_LOGPROB, entropy_from_logits, exact_div, forward, masked_sum, selective_log_softmax
+from common.ops import INVALID_LOGPROB, entropy_from_logits, forward, masked_sum, selective_log_softmax
 from common.rollout import generate, generation_config, import_reward_fn, needs_synced_generation, score_responses, score_with_fn, truncate_after_eos
 from common.toy import build_toy, toy_dataset
 from common.tracking import close_tracking, init_tracking, log_metrics, samples_table

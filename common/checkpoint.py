@@ -32,8 +32,12 @@ def list_checkpoints(output_dir: str) -> list:
 
 
 def check_output_dir(output_dir: str, resume_from, overwrite: bool) -> None:
-    """Refuse to write over a finished run (or to restart an unfinished one) unless asked."""
-    if resume_from is not None or overwrite:
+    """Refuse to write over a finished run (or to restart an unfinished one) unless asked. With
+    --overwrite the old checkpoints go, so that `latest` can never pick one of them."""
+    if resume_from is not None:
+        return
+    if overwrite:
+        shutil.rmtree(checkpoint_dir(output_dir), ignore_errors=True)
         return
     if os.path.exists(os.path.join(output_dir, "config.json")):
         raise FileExistsError(f"--output-dir {output_dir} holds a finished run; pass --overwrite to replace it, or choose another directory")

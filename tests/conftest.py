@@ -122,3 +122,31 @@ def _restore_signal_handlers():
     yield
     for s, handler in saved.items():
         signal.signal(s, handler)
+
+
+def read_metrics(path):
+    """A run's metrics.jsonl, one dict per update."""
+    import json
+
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def run_cli(script, tmp_path, toy_cache, *flags):
+    """A script through its real command line on the toy task, two updates of 16 responses; the output."""
+    import subprocess
+
+    cmd = [sys.executable, os.path.join(ROOT, script), "--total-episodes", "32", "--local-micro-batch-size", "16",
+           "--output-dir", str(tmp_path / "cli"), *flags]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300, env={**os.environ, "ONEFILE_RLHF_CACHE": toy_cache})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(read_metrics(tmp_path / "cli" / "metrics.jsonl")) == 2
+    return out.stdout + out.stderr
+
+
+def assert_objective_is_per_response(metrics, kl_coef):
+    """objective/rlhf_reward = score - beta * summed KL per response (not a mean over token slots)."""
+    from torch.testing import assert_close
+
+    expected = metrics["objective/scores"] - kl_coef * metrics["objective/kl"]
+    assert_close(torch.tensor(metrics["objective/rlhf_reward"]), torch.tensor(expected), atol=1e-6, rtol=1e-6)

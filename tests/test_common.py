@@ -6,7 +6,6 @@ plausible wrong version of the code is caught."""
 
 import copy
 import json
-import os
 import re
 
 import pytest

@@ -1,17 +1,13 @@
 """ppo.py: GAE, the clipped losses and tiny end-to-end runs."""
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch.testing import assert_close
 
 import ppo
-from conftest import ROOT, tiny_args
+from conftest import assert_objective_is_per_response, read_metrics, run_cli, tiny_args
 
 
 def _padded_batch(B=6, T=8, seed=0):
@@ -99,10 +95,6 @@ def test_value_clipping():
     assert grad[0, 0] == 0  # the clipped term does not depend on the prediction
 
 
-def _read_metrics(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
 
 def test_main_first_minibatch_ratio_one(tmp_path, llama_dir, prompts_jsonl):
     args = tiny_args(ppo, tmp_path, model=llama_dir, dataset=prompts_jsonl, reward_fn="common.toy:sort_reward",
@@ -124,7 +116,7 @@ def test_main_first_minibatch_ratio_one(tmp_path, llama_dir, prompts_jsonl):
     ratio, mask = seen[0]  # first micro-batch of the first minibatch of the first epoch
     assert_close(ratio[mask], torch.ones(int(mask.sum())), atol=1e-5, rtol=0)
     assert len(seen) == 2 * 4 * 2  # updates x epochs x minibatches
-    lines = _read_metrics(tmp_path / "out" / "metrics.jsonl")
+    lines = read_metrics(tmp_path / "out" / "metrics.jsonl")
     for name in ["loss/value", "val/clipfrac", "val/vpred", "val/explained_variance", "policy/clipfrac", "policy/approxkl"]:
         assert name in lines[0]
 
@@ -132,9 +124,7 @@ def test_main_first_minibatch_ratio_one(tmp_path, llama_dir, prompts_jsonl):
 def test_main_one_epoch_is_on_policy(tmp_path, llama_dir, prompts_jsonl):
     args = tiny_args(ppo, tmp_path, model=llama_dir, dataset=prompts_jsonl, reward_fn="common.toy:sort_reward", num_ppo_epochs=1)
     metrics = ppo.main(args)
-    # the objective is per response: score - beta * summed KL (not a mean over token slots)
-    expected = metrics["objective/scores"] - args.kl_coef * metrics["objective/kl"]
-    assert_close(torch.tensor(metrics["objective/rlhf_reward"]), torch.tensor(expected), atol=1e-6, rtol=1e-6)
+    assert_objective_is_per_response(metrics, args.kl_coef)
     assert_close(torch.tensor(metrics["val/ratio"]), torch.tensor(1.0), atol=1e-5, rtol=0)
     assert_close(torch.tensor(metrics["policy/approxkl"]), torch.tensor(0.0), atol=1e-8, rtol=0)
     assert metrics["policy/clipfrac"] == 0.0
@@ -154,9 +144,5 @@ def test_main_reward_model_pad_equals_eos_and_explicit_value_model(tmp_path, gpt
 
 
 def test_cli_subprocess_toy_task(tmp_path, toy_cache):
-    cmd = [sys.executable, os.path.join(ROOT, "ppo.py"), "--total-episodes", "32", "--local-micro-batch-size", "16",
-           "--output-dir", str(tmp_path / "cli")]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300, env={**os.environ, "ONEFILE_RLHF_CACHE": toy_cache})
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "update 2/2" in out.stdout + out.stderr
-    assert len(_read_metrics(tmp_path / "cli" / "metrics.jsonl")) == 2
+    out = run_cli("ppo.py", tmp_path, toy_cache)
+    assert "update 2/2" in out

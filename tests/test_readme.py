@@ -24,3 +24,20 @@ def test_ci_runs_the_readme_test_command():
     readme, ci = _read("README.md"), _read(".ci/run")
     assert 'pip install torch==2.13.0 -e ".[test]"' in readme and 'pip install -q torch==2.13.0 -e ".[test]"' in ci
     assert "python -m pytest -q" in readme and "python -m pytest -q" in ci
+
+
+def test_twin_table_matches_the_measured_diffs():
+    from test_twins import BUDGETS, changed_lines
+
+    readme = _read("README.md")
+    for (a, b), budget in BUDGETS.items():
+        row = re.search(rf"\| `{re.escape(a)}` <-> `{re.escape(b)}` \| (\d+) \| (\d+) \|", readme)
+        assert row, f"README has no row for {a} <-> {b}"
+        assert (int(row.group(1)), int(row.group(2))) == (changed_lines(a, b), budget)
+
+
+def test_no_placeholders_left():
+    """Every figure in the README comes from a run: no template placeholder survives."""
+    allowed = {"ACCELERATE_USE_CPU", "ONEFILE_RLHF_CACHE", "FULL_STATE_DICT", "HF_HUB_OFFLINE"}
+    tokens = set(re.findall(r"\b[A-Z][A-Z0-9]*_[A-Z0-9_]+\b", _read("README.md")))
+    assert tokens <= allowed, tokens - allowed

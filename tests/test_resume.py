@@ -12,7 +12,6 @@ import time
 
 import pytest
 import torch
-from torch.testing import assert_close
 
 from conftest import ROOT, tiny_args
 
@@ -158,5 +157,5 @@ def test_ctrl_c_prints_a_resume_command_that_continues(tmp_path, toy_cache):
     resumed = subprocess.run(command.replace("python ", f"{sys.executable} ", 1) + " --total-episodes " + str(16 * (stopped_at + 2)),
                              shell=True, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed from" in resumed.stdout and f"update {stopped_at + 1}/" in resumed.stdout
+    assert "resumed from" in resumed.stdout and f"update {stopped_at + 1}/" in resumed.stdout
     assert [m["update"] for m in _metrics(tmp_path / "run")] == list(range(1, stopped_at + 3))

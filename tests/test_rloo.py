@@ -1,17 +1,15 @@
 """rloo.py: the real functions against naive loops, and tiny end-to-end runs."""
 
-import json
 import math
 import os
 import subprocess
 import sys
 
-import pytest
 import torch
 from torch.testing import assert_close
 
 import rloo
-from conftest import ROOT, tiny_args
+from conftest import ROOT, assert_objective_is_per_response, read_metrics, run_cli, tiny_args
 
 
 def test_advantages_match_naive_loop_and_sum_to_zero():
@@ -73,23 +71,17 @@ def test_loss_clips_the_sequence_ratio():
     assert_close(grad, torch.zeros(1, 2))
 
 
-def _read_metrics(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
 
 def test_main_two_updates_ratio_one(tmp_path, llama_dir, prompts_jsonl):
     args = tiny_args(rloo, tmp_path, model=llama_dir, dataset=prompts_jsonl, reward_fn="common.toy:sort_reward")
     metrics = rloo.main(args)
-    # the objective is per response: score - beta * summed KL (not a mean over token slots)
-    expected = metrics["objective/scores"] - args.kl_coef * metrics["objective/kl"]
-    assert_close(torch.tensor(metrics["objective/rlhf_reward"]), torch.tensor(expected), atol=1e-6, rtol=1e-6)
+    assert_objective_is_per_response(metrics, args.kl_coef)
     assert all(math.isfinite(v) for v in metrics.values())
     # one epoch, one minibatch: fully on-policy, so fp32 ratio is 1 and approx-KL is 0
     assert_close(torch.tensor(metrics["val/ratio"]), torch.tensor(1.0), atol=1e-5, rtol=0)
     assert_close(torch.tensor(metrics["policy/approxkl"]), torch.tensor(0.0), atol=1e-8, rtol=0)
     assert metrics["policy/clipfrac"] == 0.0
-    lines = _read_metrics(tmp_path / "out" / "metrics.jsonl")
+    lines = read_metrics(tmp_path / "out" / "metrics.jsonl")
     assert [m["update"] for m in lines] == [1, 2]
     for name in ["objective/scores", "objective/kl", "objective/rlhf_reward", "objective/entropy", "policy/approxkl",
                  "policy/clipfrac", "loss/policy", "val/ratio", "val/num_eos_tokens", "eps"]:
@@ -148,13 +140,10 @@ def test_main_missing_eos_penalty(tmp_path, llama_dir, prompts_jsonl):
 
 
 def test_cli_subprocess_toy_task(tmp_path, toy_cache):
-    cmd = [sys.executable, os.path.join(ROOT, "rloo.py"), "--total-episodes", "32", "--local-micro-batch-size", "16",
-           "--output-dir", str(tmp_path / "cli"), "--print-samples-every", "1"]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300, env={**os.environ, "ONEFILE_RLHF_CACHE": toy_cache})
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "update 2/2" in out.stdout + out.stderr
-    assert "completion" in out.stdout + out.stderr  # the sample table
-    assert len(_read_metrics(tmp_path / "cli" / "metrics.jsonl")) == 2
+    out = run_cli("rloo.py", tmp_path, toy_cache, "--print-samples-every", "1")
+    assert "update 2/2" in out
+    assert "completion" in out  # the sample table
+
 
 
 def test_cli_help_documents_every_field():

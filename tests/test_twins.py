@@ -50,7 +50,7 @@ def test_module_docstring_is_short_and_names_its_twin(name):
     docstring = re.match(r'"""(.*?)"""', _read(name), re.S).group(1)
     assert len(docstring.splitlines()) <= 25
     assert "arXiv" in docstring and "Differences from" in docstring
-    assert f"python {name}" in docstring and f"accelerate launch" in docstring
+    assert f"python {name}" in docstring and "accelerate launch" in docstring
 
 
 @pytest.mark.parametrize("pair", list(BUDGETS))
