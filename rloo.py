@@ -38,7 +38,7 @@ from transformers import get_scheduler
 
 from common.checkpoint import all_finite, catch_stop_signals, check_output_dir, find_checkpoint, model_shape, resume_command, save_checkpoint
 from common.data import columns_for_reward, load_prompt_dataset, make_collator, repeat_forever, tokenize_prompts
-from common.models import check_scalar_head, load_config, enable_gradient_checkpointing, load_frozen, load_policy, load_scalar_model, load_tokenizer, prepare_frozen
+from common.models import check_scalar_head, load_config, load_reward_tokenizer, enable_gradient_checkpointing, load_frozen, load_policy, load_scalar_model, load_tokenizer, prepare_frozen
 from common.ops import INVALID_LOGPROB, entropy_from_logits, exact_div, forward, masked_sum, selective_log_softmax
 from common.rollout import generate, generation_config, import_reward_fn, needs_synced_generation, score_responses, score_with_fn, truncate_after_eos
 from common.toy import build_toy, toy_dataset
@@ -73,7 +73,7 @@ class Args:
     model: str | None = None
     """policy (and reference) model: a local directory or hub id; default: the built-in toy task"""
     reward_model: str | None = None
-    """reward model (AutoModelForSequenceClassification, num_labels=1) sharing the policy's tokenizer"""
+    """reward model (AutoModelForSequenceClassification, num_labels=1); with a tokenizer of its own it reads the decoded text re-tokenised"""
     reward_fn: str | None = None
     """a rule reward 'module:function' called as f(prompts=, completions=, eos=, **columns) -> floats"""
     trust_remote_code: bool = False
@@ -237,12 +237,14 @@ def main(args: Args) -> dict:
     if len(dataset) < local_num_prompts * args.world_size:
         raise ValueError(f"{len(dataset)} prompts are fewer than the {local_num_prompts * args.world_size} one update needs")
     reward_fn = import_reward_fn(args.reward_fn) if args.reward_fn is not None else None
+    reward_tokenizer = None  # set when the reward model has a vocabulary of its own
     if reward_fn is not None:
         probe = dataset.select(range(min(2, len(dataset))))  # fail now, not after the first generation
         no_eos = torch.zeros(len(probe), dtype=torch.bool)
         score_with_fn(reward_fn, probe["prompt_text"], [""] * len(probe), no_eos, columns_for_reward(probe.to_dict(), 1))
     else:
         check_scalar_head(args.reward_model, "--reward-model", args.trust_remote_code)
+        reward_tokenizer = load_reward_tokenizer(args.reward_model, tokenizer, args.trust_remote_code)
 
     set_seed(args.seed)  # same initial weights and data order on every process
     frozen_dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -306,7 +308,7 @@ def main(args: Args) -> dict:
         prompts = [p for p in batch["prompt_text"] for _ in range(args.rloo_k)]
         columns = columns_for_reward(batch, args.rloo_k)
         scores, completions = score_responses(
-            queries, query_mask, responses, response_mask, has_eos, prompts, columns, tokenizer, reward_model, reward_fn
+            queries, query_mask, responses, response_mask, has_eos, prompts, columns, tokenizer, reward_model, reward_fn, reward_tokenizer
         )
         if args.missing_eos_penalty is not None:
             scores = torch.where(has_eos, scores, torch.full_like(scores, args.missing_eos_penalty))

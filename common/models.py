@@ -37,6 +37,23 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def load_reward_tokenizer(name: str, policy_tokenizer, trust_remote_code: bool = False):
+    """The reward model's own tokenizer when its vocabulary differs from the policy's (the reward
+    model then reads re-tokenised text), else None: the policy's token ids are used as they are."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):  # no tokenizer files beside the reward model: it shares the policy's
+        return None
+    if tokenizer.get_vocab() == policy_tokenizer.get_vocab():
+        return None
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"--reward-model {name!r}: its tokenizer differs from the policy's and has no EOS token")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # so the last real token is the last column
+    return tokenizer
+
+
 def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
     """Zero every dropout: nn.Dropout modules and the functional dropouts read from the config.
     With dropout on, the rollout and training passes differ and the first ratio is not 1."""

@@ -91,13 +91,21 @@ def score_with_fn(reward_fn, prompts: list, completions: list, has_eos: torch.Te
     return torch.tensor(scores, dtype=torch.float32, device=has_eos.device)
 
 
-def score_responses(queries, query_mask, responses, response_mask, has_eos, prompts, columns, tokenizer, reward_model, reward_fn):
+def score_responses(queries, query_mask, responses, response_mask, has_eos, prompts, columns, tokenizer, reward_model, reward_fn, reward_tokenizer=None):
     """Score every (prompt, response) pair: the reward model read at the last real response token
-    (the EOS when there is one), else the rule reward on the decoded text. queries (B, P),
-    responses (B, T) -> scores (B,) and the decoded completions."""
+    (the EOS when there is one), else the rule reward on the decoded text. A reward model with a
+    vocabulary of its own (reward_tokenizer) reads the text as decoded, re-tokenised with its
+    tokenizer, its EOS appended where the response ended. queries (B, P), responses (B, T) ->
+    scores (B,) and the decoded completions."""
     completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
     if reward_model is None:
         return score_with_fn(reward_fn, prompts, completions, has_eos, columns), completions
+    if reward_tokenizer is not None:
+        ids = reward_tokenizer([p + c for p, c in zip(prompts, completions)])["input_ids"]
+        ids = [x + [reward_tokenizer.eos_token_id] if ended else x for x, ended in zip(ids, has_eos.tolist())]
+        batch = reward_tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(queries.device)  # left-padded
+        last_index = torch.full_like(has_eos, batch["input_ids"].shape[1] - 1, dtype=torch.long)  # (B,)
+        return score_with_model(reward_model, batch["input_ids"], batch["attention_mask"].bool(), last_index), completions
     query_responses = torch.cat([queries, responses], dim=1)  # (B, P+T)
     attention_mask = torch.cat([query_mask, response_mask], dim=1)  # (B, P+T)
     last_index = queries.shape[1] + response_mask.sum(dim=1) - 1  # (B,)
