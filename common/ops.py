@@ -39,17 +39,36 @@ def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwar
     )
 
 
-def selective_log_softmax(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / temperature)[labels] for logits (B, T, V), labels (B, T) -> (B, T).
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """log softmax(logits / t)[labels] that keeps nothing for backward but the logits themselves:
+    the softmax is recomputed row by row there, so no (B, T, V) copy is saved beside the logits."""
 
-    Row by row, so at most one (T, V) temporary lives beside the logits instead of a second
-    (B, T, V) log-softmax tensor."""
-    out = []
-    for row_logits, row_labels in zip(logits, labels):
-        row_logits = row_logits.float() / temperature  # (T, V)
-        chosen = row_logits.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1)
-        out.append(chosen - torch.logsumexp(row_logits, dim=-1))
-    return torch.stack(out)
+    @staticmethod
+    def forward(ctx, logits, labels, temperature):
+        out = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
+        for i, (row_logits, row_labels) in enumerate(zip(logits, labels)):
+            row_logits = row_logits.float() / temperature  # (T, V): one row at a time
+            out[i] = row_logits.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(row_logits, dim=-1)
+        ctx.save_for_backward(logits, labels)
+        ctx.temperature = temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        """d/dz_v of log p_y = (1[v = y] - p_v) / t, row by row."""
+        logits, labels = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for i, (row_logits, row_labels) in enumerate(zip(logits, labels)):
+            g = -torch.softmax(row_logits.float() / ctx.temperature, dim=-1) * grad_out[i].unsqueeze(-1)  # (T, V)
+            g.scatter_add_(-1, row_labels.unsqueeze(-1), grad_out[i].unsqueeze(-1))
+            grad[i] = g / ctx.temperature
+        return grad, None, None
+
+
+def selective_log_softmax(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature)[labels] for logits (B, T, V), labels (B, T) -> (B, T), fp32.
+    Row by row, so at most one (T, V) temporary lives beside the logits, in forward and backward."""
+    return _SelectiveLogSoftmax.apply(logits, labels, temperature)
 
 
 @torch.no_grad()

@@ -44,7 +44,7 @@ def fixed_generate(model, queries, query_mask, config, synced=False):
     return torch.stack(rows).to(queries.device)
 
 module.generate = fixed_generate
-torch.optim.AdamW = lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr)
+torch.optim.AdamW = lambda params, lr, **unused: torch.optim.SGD(params, lr=lr)
 args = module.Args(model=model, dataset=dataset, reward_fn="common.toy:sort_reward", output_dir=out, run_name="dist",
                    local_micro_batch_size=int(micro), gradient_accumulation_steps=2, total_episodes=16, max_new_tokens=6,
                    print_samples_every=0, learning_rate=1.0, max_grad_norm=1e9, **json.loads(os.environ.get("EXTRA_ARGS", "{{}}")))
