@@ -325,7 +325,7 @@ def main(args: Args) -> dict:
         )
         if args.missing_eos_penalty is not None:
             scores = torch.where(has_eos, scores, torch.full_like(scores, args.missing_eos_penalty))
-            baseline_scores = torch.where(greedy_has_eos, baseline_scores, torch.full_like(scores, args.missing_eos_penalty))
+            baseline_scores = torch.where(greedy_has_eos, baseline_scores, torch.full_like(baseline_scores, args.missing_eos_penalty))
 
         # 3. Log-probs
         # Recomputed with the same forward as the update (not taken from generate), so the

@@ -9,8 +9,11 @@ checkpoint as it was. The data order needs no state: epoch e's order is a functi
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
+
+import torch
 
 MODEL_SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "n_embd", "n_layer")
 
@@ -110,8 +113,6 @@ def all_finite(all_reduce, update: int, skip: bool, **tensors) -> bool:
     """True when every tensor is finite on every process (all_reduce sums over processes). Otherwise
     raise FloatingPointError naming the update and the quantities, before anything is updated, or
     return False when skip is set so that every process skips the batch together."""
-    import torch
-
     bad = [name for name, t in tensors.items() if not torch.isfinite(t).all()]
     device = next(iter(tensors.values())).device
     if all_reduce(torch.tensor(float(len(bad)), device=device)).item() == 0:
@@ -126,8 +127,6 @@ def all_finite(all_reduce, update: int, skip: bool, **tensors) -> bool:
 
 def resume_command(argv: list, output_dir: str) -> str:
     """The command line that continues this run: the same arguments, --resume-from latest, --output-dir."""
-    import shlex
-
     args, drop_next = [], False
     for arg in argv[1:]:
         if drop_next:
