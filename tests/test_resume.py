@@ -46,12 +46,11 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch, name, llama_dir, prompts_jso
                   gradient_accumulation_steps=1, local_micro_batch_size=16, print_samples_every=0)
     module.main(tiny_args(module, tmp_path, output_dir=str(tmp_path / "straight"), **common))
 
-    _interrupt_after(module, monkeypatch, 2)
-    with pytest.raises(SystemExit) as stopped:
+    with monkeypatch.context() as patch, pytest.raises(SystemExit) as stopped:  # undoing it keeps the test's cwd
+        _interrupt_after(module, patch, 2)
         module.main(tiny_args(module, tmp_path, output_dir=str(tmp_path / "resumed"), run_name="r", **common))
     assert stopped.value.code == 128 + signal.SIGINT
     assert os.listdir(tmp_path / "resumed" / "checkpoints") == ["update-00000002"]
-    monkeypatch.undo()
     module.main(tiny_args(module, tmp_path, output_dir=str(tmp_path / "resumed"), resume_from="latest", **common))
 
     straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
@@ -77,10 +76,9 @@ def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch
             raise OSError("disk full")
         return real_save_state(self, output_dir, **kw)
 
-    monkeypatch.setattr(Accelerator, "save_state", save_state_then_die)
-    with pytest.raises(OSError, match="disk full"):
+    with monkeypatch.context() as patch, pytest.raises(OSError, match="disk full"):
+        patch.setattr(Accelerator, "save_state", save_state_then_die)
         rloo.main(tiny_args(rloo, tmp_path, **args))
-    monkeypatch.undo()
     checkpoints = sorted(os.listdir(tmp_path / "out" / "checkpoints"))
     assert checkpoints == [".tmp-update-00000003", "update-00000001", "update-00000002"]
     metrics = rloo.main(tiny_args(rloo, tmp_path, resume_from="latest", **args))  # loads update-2, runs 3 and 4
