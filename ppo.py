@@ -41,7 +41,7 @@ from common.checkpoint import all_finite, catch_stop_signals, check_output_dir, 
 from common.data import columns_for_reward, load_prompt_dataset, make_collator, repeat_forever, tokenize_prompts
 from common.models import check_scalar_head, load_config, load_reward_tokenizer, enable_gradient_checkpointing, load_frozen, load_policy, load_scalar_model, load_tokenizer, prepare_frozen, scalar_head_values
 from common.ops import INVALID_LOGPROB, entropy_from_logits, forward, masked_sum, masked_whiten, selective_log_softmax
-from common.rollout import generate, generation_config, import_reward_fn, needs_synced_generation, score_responses, score_with_fn, truncate_after_eos
+from common.rollout import generate, generation_config, import_reward_fn, needs_synced_generation, score_responses, score_with_fn, truncate_after_eos, unwrap_for_generation
 from common.toy import build_toy, toy_dataset
 from common.tracking import close_tracking, init_tracking, log_metrics, samples_table
 
@@ -80,7 +80,7 @@ class Args:
     trust_remote_code: bool = False
     """allow model code from the hub"""
     bf16: bool = False
-    """bfloat16 autocast for the policy, bfloat16 weights for the frozen models"""
+    """bfloat16 autocast for the policy and reference (both fp32 weights, so the first KL is exactly 0); bf16 reward model"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, ~30% more time (off while generating)"""
 
@@ -296,7 +296,7 @@ def main(args: Args) -> dict:
     set_seed(args.seed)  # same initial weights and data order on every process
     frozen_dtype = torch.bfloat16 if args.bf16 else torch.float32
     policy = load_policy(args.model, torch.float32, args.trust_remote_code)
-    ref_policy = load_frozen(load_policy(args.model, frozen_dtype, args.trust_remote_code))
+    ref_policy = load_frozen(load_policy(args.model, torch.float32, args.trust_remote_code))  # same numerics as the policy
     reward_model = None
     if args.reward_model is not None:
         reward_model = load_frozen(load_scalar_model(args.reward_model, "--reward-model", frozen_dtype, args.trust_remote_code))
@@ -346,8 +346,8 @@ def main(args: Args) -> dict:
 
         # 1. Rollout
         queries, query_mask = batch["queries"], batch["query_mask"]  # (B, P)
-        with torch.no_grad():
-            responses = generate(accelerator.unwrap_model(model).policy, queries, query_mask, gen_config, synced)  # (B, T)
+        with torch.no_grad(), unwrap_for_generation(model, accelerator) as unwrapped:
+            responses = generate(unwrapped.policy, queries, query_mask, gen_config, synced)  # (B, T)
         responses, response_mask, has_eos = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
         query_responses = torch.cat([queries, responses], dim=1)  # (B, P+T)
         attention_mask = torch.cat([query_mask, response_mask], dim=1)  # (B, P+T)
@@ -374,7 +374,8 @@ def main(args: Args) -> dict:
                 values.append(value[:, -T - 1 : -1])  # (b, T): V of the state each response token is sampled in
                 logprobs.append(selective_log_softmax(logits, responses[rows], args.temperature))
                 entropy.append(entropy_from_logits(logits, args.temperature))
-                ref_logits = forward(ref_policy, query_responses[rows], attention_mask[rows], logits_to_keep=T + 1).logits[:, :-1]
+                with accelerator.autocast():  # the autocast that prepare() gave the policy: KL 0 at the start
+                    ref_logits = forward(ref_policy, query_responses[rows], attention_mask[rows], logits_to_keep=T + 1).logits[:, :-1]
                 ref_logprobs.append(selective_log_softmax(ref_logits, responses[rows], args.temperature))
                 del logits, ref_logits
         logprobs = torch.cat(logprobs).masked_fill(~response_mask, INVALID_LOGPROB)  # (B, T)
@@ -467,7 +468,7 @@ def main(args: Args) -> dict:
             "lr": lr,
             "episode": update * args.batch_size,
             "val/skipped_batches": skipped_batches,
-            "eps": (update - start_update) * args.batch_size / (time.time() - start_time),
+            "time/episodes_per_second": (update - start_update) * args.batch_size / (time.time() - start_time),
         }
         if not all(math.isfinite(v) for v in metrics.values()):
             raise FloatingPointError(f"update {update}: non-finite metrics {metrics}")
@@ -477,7 +478,7 @@ def main(args: Args) -> dict:
             progress.write(
                 f"update {update}/{args.num_updates} | episode {metrics['episode']} | score {metrics['objective/scores']:.3f}"
                 f" | kl {metrics['objective/kl']:.3f} | rlhf_reward {metrics['objective/rlhf_reward']:.3f}"
-                f" | entropy {metrics['objective/entropy']:.2f} | eps {metrics['eps']:.0f}"
+                f" | entropy {metrics['objective/entropy']:.2f} | episodes/s {metrics['time/episodes_per_second']:.0f}"
             )
             if update == args.num_updates or (args.print_samples_every and update % args.print_samples_every == 0):
                 progress.write(samples_table(prompts, completions, scores.tolist()))

@@ -6,15 +6,17 @@ greedy response y^ per prompt; the greedy score is the baseline:
     G_t      = sum_{t' >= t} gamma^(t'-t) reward_t'                  (reward-to-go)
     loss     = -sum_t G_t log pi(y_t) / (response tokens in the batch)   (one step per batch)
 
-Differences from the paper's code:
-1. Pure sampling (top_k=0, top_p=1) at --temperature with log-probs recomputed under the same
-   temperature; the paper's code sampled with top_p 0.9 and did not recompute under temperature.
+Differences from the paper's code (liziniu/ReMax), each so that G_t is the reward-to-go above:
+1. Pure sampling (top_k=0, top_p=1), log-probs recomputed at --temperature (paper: top_p 0.9).
 2. --reward-clip is off by default (the paper clips r(x, y) - r(x, y^) to [-5, 5]).
+3. G_t sums all future KL terms; the paper's code overwrites its running KL, keeping token t's only.
+4. gamma < 1 does not discount the score gap at its own token (the paper's code discounts it once).
+5. The token mean is over the global batch, not per micro-batch and process: the gradient does not
+   depend on how the batch is split over processes and accumulation steps.
 Differences from rloo.py:
-1. One sampled and one greedy response per prompt, with the greedy score as the baseline,
-   instead of K samples and a leave-one-out baseline.
-2. The KL is a per-token reward and the loss weights each token by its reward-to-go; no ratio,
-   no clipping, one gradient step per batch.
+1. One sampled and one greedy response per prompt, the greedy score as the baseline.
+2. The KL is a per-token reward and each token is weighted by its reward-to-go; no ratio, no
+   clipping, one gradient step per batch.
 
     python remax.py
     accelerate launch --config_file configs/multi_gpu.yaml remax.py --model <policy> --reward-model <rm> --dataset <prompts>
@@ -39,7 +41,7 @@ from common.checkpoint import all_finite, catch_stop_signals, check_output_dir, 
 from common.data import columns_for_reward, load_prompt_dataset, make_collator, repeat_forever, tokenize_prompts
 from common.models import check_scalar_head, load_config, load_reward_tokenizer, enable_gradient_checkpointing, load_frozen, load_policy, load_scalar_model, load_tokenizer, prepare_frozen
 from common.ops import INVALID_LOGPROB, entropy_from_logits, forward, masked_sum, selective_log_softmax
-from common.rollout import generate, generation_config, import_reward_fn, needs_synced_generation, score_responses, score_with_fn, truncate_after_eos
+from common.rollout import generate, generation_config, import_reward_fn, needs_synced_generation, score_responses, score_with_fn, truncate_after_eos, unwrap_for_generation
 from common.toy import build_toy, toy_dataset
 from common.tracking import close_tracking, init_tracking, log_metrics, samples_table
 
@@ -78,7 +80,7 @@ class Args:
     trust_remote_code: bool = False
     """allow model code from the hub"""
     bf16: bool = False
-    """bfloat16 autocast for the policy, bfloat16 weights for the frozen models"""
+    """bfloat16 autocast for the policy and reference (both fp32 weights, so the first KL is exactly 0); bf16 reward model"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, ~30% more time (off while generating)"""
 
@@ -255,7 +257,7 @@ def main(args: Args) -> dict:
     set_seed(args.seed)  # same initial weights and data order on every process
     frozen_dtype = torch.bfloat16 if args.bf16 else torch.float32
     policy = load_policy(args.model, torch.float32, args.trust_remote_code)
-    ref_policy = load_frozen(load_policy(args.model, frozen_dtype, args.trust_remote_code))
+    ref_policy = load_frozen(load_policy(args.model, torch.float32, args.trust_remote_code))  # same numerics as the policy
     reward_model = None
     if args.reward_model is not None:
         reward_model = load_frozen(load_scalar_model(args.reward_model, "--reward-model", frozen_dtype, args.trust_remote_code))
@@ -303,9 +305,9 @@ def main(args: Args) -> dict:
 
         # 1. Rollout
         queries, query_mask = batch["queries"], batch["query_mask"]  # (B, P)
-        with torch.no_grad():
-            responses = generate(accelerator.unwrap_model(policy), queries, query_mask, gen_config, synced)  # (B, T)
-            greedy_responses = generate(accelerator.unwrap_model(policy), queries, query_mask, greedy_config, synced)  # (B, T')
+        with torch.no_grad(), unwrap_for_generation(policy, accelerator) as unwrapped:
+            responses = generate(unwrapped, queries, query_mask, gen_config, synced)  # (B, T)
+            greedy_responses = generate(unwrapped, queries, query_mask, greedy_config, synced)  # (B, T')
         responses, response_mask, has_eos = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
         greedy_responses, greedy_mask, greedy_has_eos = truncate_after_eos(
             greedy_responses, tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -337,7 +339,8 @@ def main(args: Args) -> dict:
                 logits = forward(policy, query_responses[rows], attention_mask[rows], logits_to_keep=T + 1).logits[:, :-1]
                 logprobs.append(selective_log_softmax(logits, responses[rows], args.temperature))
                 entropy.append(entropy_from_logits(logits, args.temperature))
-                ref_logits = forward(ref_policy, query_responses[rows], attention_mask[rows], logits_to_keep=T + 1).logits[:, :-1]
+                with accelerator.autocast():  # the autocast that prepare() gave the policy: KL 0 at the start
+                    ref_logits = forward(ref_policy, query_responses[rows], attention_mask[rows], logits_to_keep=T + 1).logits[:, :-1]
                 ref_logprobs.append(selective_log_softmax(ref_logits, responses[rows], args.temperature))
                 del logits, ref_logits
         logprobs = torch.cat(logprobs).masked_fill(~response_mask, INVALID_LOGPROB)  # (B, T)
@@ -408,7 +411,7 @@ def main(args: Args) -> dict:
             "lr": lr,
             "episode": update * args.batch_size,
             "val/skipped_batches": skipped_batches,
-            "eps": (update - start_update) * args.batch_size / (time.time() - start_time),
+            "time/episodes_per_second": (update - start_update) * args.batch_size / (time.time() - start_time),
         }
         if not all(math.isfinite(v) for v in metrics.values()):
             raise FloatingPointError(f"update {update}: non-finite metrics {metrics}")
@@ -418,7 +421,7 @@ def main(args: Args) -> dict:
             progress.write(
                 f"update {update}/{args.num_updates} | episode {metrics['episode']} | score {metrics['objective/scores']:.3f}"
                 f" | kl {metrics['objective/kl']:.3f} | rlhf_reward {metrics['objective/rlhf_reward']:.3f}"
-                f" | entropy {metrics['objective/entropy']:.2f} | eps {metrics['eps']:.0f}"
+                f" | entropy {metrics['objective/entropy']:.2f} | episodes/s {metrics['time/episodes_per_second']:.0f}"
             )
             if update == args.num_updates or (args.print_samples_every and update % args.print_samples_every == 0):
                 progress.write(samples_table(prompts, completions, scores.tolist()))

@@ -86,7 +86,7 @@ def one_run(a, impl, algo, assets, scratch, env, index) -> dict:
     episodes = a.updates * a.batch_size
     if impl == "ours":
         metrics = read_metrics(os.path.join(outdir, "metrics.jsonl"))
-        times = [m["episode"] / m["eps"] for m in metrics]  # the script's clock: its loop started at 0
+        times = [m["episode"] / m["time/episodes_per_second"] for m in metrics]  # the script's clock: its loop started at 0
         scores, kls = [m["objective/scores"] for m in metrics], [m["objective/kl"] for m in metrics]
     else:
         with open(out_json) as f:

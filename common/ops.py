@@ -76,9 +76,9 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     """Entropy of softmax(logits / temperature) at every position, row by row. (B, T, V) -> (B, T)"""
     out = []
     for row_logits in logits:
-        row_logits = row_logits.float() / temperature
-        p = torch.softmax(row_logits, dim=-1)
-        out.append(torch.logsumexp(row_logits, dim=-1) - (p * row_logits).sum(-1))
+        log_p = torch.log_softmax(row_logits.float() / temperature, dim=-1)  # (T, V)
+        p_log_p = torch.where(log_p > -torch.inf, log_p.exp() * log_p, 0.0)  # a -inf logit has p = 0: 0, not 0 * -inf
+        out.append(-p_log_p.sum(-1))
     return torch.stack(out)
 
 

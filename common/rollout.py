@@ -2,6 +2,7 @@
 
 import importlib
 import math
+from contextlib import contextmanager
 
 import torch
 from accelerate.utils import DistributedType
@@ -25,10 +26,25 @@ def generation_config(tokenizer, max_new_tokens: int, temperature: float, greedy
 
 
 def needs_synced_generation(accelerator) -> bool:
-    """Under DeepSpeed ZeRO-3 and FSDP every forward gathers sharded weights collectively, so a
-    process whose responses all ended must keep stepping until every process is done."""
+    """Under FSDP every forward gathers sharded weights collectively, so a process whose responses
+    all ended must keep stepping until every process is done. (ZeRO-3 gathers once per rollout
+    instead: see unwrap_for_generation.)"""
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+@contextmanager
+def unwrap_for_generation(model, accelerator):
+    """The trained model as generate() needs it. Under DeepSpeed ZeRO-3 its full weights are
+    gathered once for the whole rollout (not once per decoded token) and its partitioning hooks
+    are lifted meanwhile; elsewhere it is accelerator.unwrap_model(model)."""
     plugin = accelerator.state.deepspeed_plugin
-    return (plugin is not None and plugin.zero_stage == 3) or accelerator.distributed_type == DistributedType.FSDP
+    if plugin is None or plugin.zero_stage != 3:
+        yield accelerator.unwrap_model(model)
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        yield accelerator.unwrap_model(model)
 
 
 @torch.no_grad()

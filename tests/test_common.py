@@ -85,6 +85,20 @@ def test_entropy_from_logits_equals_categorical(temperature):
     assert_close(entropy_from_logits(logits.bfloat16(), temperature), expected, atol=0.05, rtol=0.02)
 
 
+def test_entropy_from_logits_with_masked_tokens():
+    """Tokens masked with -inf (as logits processors and some models do) have p = 0 and add 0, not NaN;
+    compared with a float64 sum over the unmasked tokens only."""
+    logits, _ = random_logits()
+    logits[..., ::3] = -torch.inf
+    logits[0, 0, :-1] = -torch.inf  # one position with a single possible token: entropy 0
+    kept = logits.double()
+    log_p = torch.log_softmax(kept, dim=-1)
+    expected = -torch.where(torch.isinf(kept), 0.0, log_p.exp() * log_p).sum(-1)
+    out = entropy_from_logits(logits)
+    assert torch.isfinite(out).all() and out[0, 0] == 0
+    assert_close(out, expected.float())
+
+
 # ---- ops: masks, positions, masked statistics ----
 
 

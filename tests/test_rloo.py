@@ -84,7 +84,7 @@ def test_main_two_updates_ratio_one(tmp_path, llama_dir, prompts_jsonl):
     lines = read_metrics(tmp_path / "out" / "metrics.jsonl")
     assert [m["update"] for m in lines] == [1, 2]
     for name in ["objective/scores", "objective/kl", "objective/rlhf_reward", "objective/entropy", "policy/approxkl",
-                 "policy/clipfrac", "loss/policy", "val/ratio", "val/num_eos_tokens", "eps"]:
+                 "policy/clipfrac", "loss/policy", "val/ratio", "val/num_eos_tokens", "time/episodes_per_second"]:
         assert name in lines[0]
     assert "loss/value" not in lines[0]  # RLOO has no critic
     # the first update starts from the reference: KL exactly 0 (same weights, same forward)
