@@ -1,31 +1,28 @@
 """RLOO: REINFORCE Leave-One-Out (Ahmadian et al. 2024, "Back to Basics", arXiv 2402.14740).
 
-Maximises E_{x~D, y~pi}[ r(x, y) - beta * KL(pi || pi_ref) ] with K samples per prompt:
-    R_i  = r(x, y_i) - beta * sum_t kl_{i,t}                   (KL folded into a sequence reward)
+Maximises E_{x~D, y~pi}[ r(x, y) - beta * KL(pi || pi_ref) ] by REINFORCE with a baseline:
+    R_i  = r(x, y_i) - beta * sum_t kl_{i,t}                   (K samples y_i per prompt)
     A_i  = R_i - (sum_j R_j - R_i) / (K - 1)                   (leave-one-out baseline)
     loss = mean_i max(-A_i * rho_i, -A_i * clip(rho_i, 1-eps, 1+eps)),  rho_i = pi(y_i)/pi_old(y_i)
 On-policy (one epoch, one minibatch) rho_i = 1 and the gradient is REINFORCE's -A_i grad log pi(y_i).
 
 Differences from the paper:
-1. The clipped sequence ratio is only active when a batch is used for more than one step
-   (--num-epochs, --num-minibatches); with the defaults it is the paper's REINFORCE estimator.
-2. Log-probs are recomputed under the policy after generation (never taken from `generate`), so
+1. Log-probs are recomputed under the policy after generation (never taken from `generate`), so
    the ratio is exactly 1 on the first minibatch.
+2. The clipped sequence ratio is only active when a batch is used for more than one step
+   (--num-epochs, --num-minibatches); with the defaults it is the paper's REINFORCE estimator.
 Differences from remax.py:
-1. K sampled responses per prompt and a leave-one-out baseline instead of one sampled and one
-   greedy response with the greedy score as the baseline.
+1. K sampled responses per prompt and a leave-one-out baseline instead of a greedy response's score.
 2. The whole response is one action: the KL is summed into a sequence reward and the loss uses
    the sequence log-prob, instead of per-token rewards and reward-to-go returns.
 
     python rloo.py
-    accelerate launch --config_file configs/multi_gpu.yaml rloo.py --model <policy> --reward-model <rm> --dataset <prompts>
+    accelerate launch --config_file configs/multi_gpu.yaml rloo.py --model <id> --reward-model <id> --dataset <id>
 """
 
-import math
 import os
-import sys
-import time
-from dataclasses import asdict, dataclass
+from collections import defaultdict
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -33,55 +30,29 @@ import tyro
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from common.checkpoint import all_finite, catch_stop_signals, check_output_dir, find_checkpoint, model_shape, resume_command, save_checkpoint
-from common.data import columns_for_reward, load_prompt_dataset, make_collator, repeat_forever, tokenize_prompts
-from common.models import check_scalar_head, load_config, load_reward_tokenizer, enable_gradient_checkpointing, load_frozen, load_policy, load_scalar_model, load_tokenizer, prepare_frozen
-from common.ops import INVALID_LOGPROB, entropy_from_logits, exact_div, forward, masked_sum, selective_log_softmax
-from common.rollout import generate, generation_config, import_reward_fn, needs_synced_generation, score_responses, score_with_fn, truncate_after_eos, unwrap_for_generation
-from common.toy import build_toy, toy_dataset
-from common.tracking import close_tracking, init_tracking, log_metrics, samples_table
+from common.data import columns_for_reward, load_prompts, make_collator, repeat_forever
+from common.models import enable_gradient_checkpointing, load_frozen, load_policy, load_reward_model
+from common.models import load_tokenizer, prepare_frozen
+from common.ops import INVALID_LOGPROB, entropy_from_logits, global_means, global_var, masked_sum
+from common.ops import exact_div, response_logits, selective_log_softmax
+from common.rollout import check_reward, generate, generation_config, needs_synced_generation, score_responses
+from common.rollout import truncate_at_eos, unwrap_for_generation
+from common.run import Run
 
 
 @dataclass
 class Args:
-    # Experiment
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """name of the experiment, the first part of the run name"""
-    seed: int = 1
-    """seed of the initial weights and shuffles; sampling uses seed + 100003 * process index"""
-    output_dir: str | None = None
-    """where the trained policy, tokenizer and metrics.jsonl go (default: output/<run name>)"""
-    track: bool = False
-    """also log to Weights & Biases"""
-    wandb_project: str = "onefile-rlhf"
-    """the wandb project, with --track"""
-    print_samples_every: int = 10
-    """print a table of (prompt, completion, score) every N updates and at the end (0: only at the end)"""
-    save_every: int = 0
-    """write a resumable checkpoint to <output dir>/checkpoints every N updates (0: only on SIGINT/SIGTERM)"""
-    keep_last: int = 2
-    """checkpoints to keep; older ones are deleted"""
-    resume_from: str | None = None
-    """continue a run from a checkpoint directory, or 'latest' in the --output-dir of that run"""
-    overwrite: bool = False
-    """allow --output-dir to hold a finished run (or an unfinished one to restart)"""
-
     # Model
     model: str | None = None
     """policy (and reference) model: a local directory or hub id; default: the built-in toy task"""
     reward_model: str | None = None
-    """reward model (AutoModelForSequenceClassification, num_labels=1); with a tokenizer of its own it reads the decoded text re-tokenised"""
+    """reward model (a sequence classifier, num_labels=1); one with its own vocabulary reads the text re-tokenised"""
     reward_fn: str | None = None
     """a rule reward 'module:function' called as f(prompts=, completions=, eos=, **columns) -> floats"""
     trust_remote_code: bool = False
     """allow model code from the hub"""
-    bf16: bool = False
-    """bfloat16 autocast for the policy and reference (both fp32 weights, so the first KL is exactly 0); bf16 reward model"""
-    gradient_checkpointing: bool = False
-    """recompute activations in the backward pass: less memory, ~30% more time (off while generating)"""
 
     # Data
     dataset: str | None = None
@@ -103,6 +74,18 @@ class Args:
     missing_eos_penalty: float | None = None
     """if set, a response that never emitted EOS gets this score instead of the reward"""
 
+    # Algorithm
+    num_generations: int = 4
+    """K, responses sampled per prompt (>= 2); the baseline of each is the mean reward of the other K-1"""
+    kl_coef: float = 0.05
+    """beta, the weight of the KL penalty"""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """k1: log pi - log pi_ref; k3: (rho - 1) - log rho with rho = pi_ref/pi (non-negative)"""
+    num_epochs: int = 1
+    """passes over each rollout batch; more than one makes the clipped ratio matter"""
+    cliprange: float = 0.2
+    """eps of the clipped ratio"""
+
     # Optimization
     learning_rate: float = 1e-3
     """Adam learning rate (1e-3 suits the toy task; ~1e-6 for billion-parameter models)"""
@@ -114,10 +97,12 @@ class Args:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping by global norm"""
-    skip_nonfinite: bool = False
-    """skip a batch whose scores, KL or advantages hold NaN/inf (counted in val/skipped_batches) instead of stopping"""
     total_episodes: int = 38400
     """responses to sample in the whole run; num_updates = total_episodes // batch_size"""
+    bf16: bool = False
+    """bf16 autocast for policy and reference (fp32 weights, so the first KL is exactly 0); a bf16 reward model"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass: less memory, ~30% more time (off while generating)"""
 
     # Batch sizes
     local_micro_batch_size: int = 64
@@ -127,23 +112,35 @@ class Args:
     num_minibatches: int = 1
     """optimizer steps per epoch over one rollout batch"""
 
-    # Algorithm
-    rloo_k: int = 4
-    """K, samples per prompt (>= 2); the baseline of each is the mean reward of the other K-1"""
-    kl_coef: float = 0.05
-    """beta, the weight of the KL penalty in the sequence reward"""
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    """k1: log pi - log pi_ref; k3: (rho - 1) - log rho with rho = pi_ref/pi (non-negative)"""
-    num_epochs: int = 1
-    """passes over each rollout batch; more than one makes the clipped ratio matter"""
-    cliprange: float = 0.2
-    """eps of the clipped sequence ratio"""
+    # Run: output, logging, checkpoints
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of the experiment, the first part of the run name"""
+    seed: int = 1
+    """seed of the initial weights and shuffles; sampling uses seed + 100003 * process index"""
+    output_dir: str | None = None
+    """where the trained policy, tokenizer and metrics.jsonl go (default: output/<run name>)"""
+    track: bool = False
+    """also log to Weights & Biases"""
+    wandb_project: str = "onefile-rlhf"
+    """the wandb project, with --track"""
+    print_samples_every: int = 10
+    """print a table of (prompt, completion, score) every N updates and at the end (0: only at the end)"""
+    save_every: int = 0
+    """write a resumable checkpoint to <output dir>/checkpoints every N updates (0: only on SIGINT/SIGTERM)"""
+    keep_last: int = 2
+    """checkpoints to keep; older ones are deleted (0: keep all)"""
+    resume_from: str | None = None
+    """continue a run from a checkpoint directory, or 'latest' in the --output-dir of that run"""
+    overwrite: bool = False
+    """allow --output-dir to hold a finished run (or an unfinished one to restart)"""
+    skip_nonfinite: bool = False
+    """skip a batch whose scores, KL or advantages hold NaN/inf (counted in val/skipped_batches) instead of stopping"""
 
     # Filled in at runtime
     world_size: tyro.conf.Suppress[int] = 0
     """number of processes"""
     local_batch_size: tyro.conf.Suppress[int] = 0
-    """responses per update on one process = micro x accumulation x minibatches"""
+    """responses per update on one process"""
     local_mini_batch_size: tyro.conf.Suppress[int] = 0
     """responses per optimizer step on one process"""
     batch_size: tyro.conf.Suppress[int] = 0
@@ -187,131 +184,74 @@ def policy_loss(new_logprobs, old_logprobs, advantages, response_mask, cliprange
 def main(args: Args) -> dict:
     # ---- Set-up: every check that costs nothing comes before any model is loaded ----
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision="bf16" if args.bf16 else "no",
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision="bf16" if args.bf16 else "no",
         # epoch e's prompt order depends only on (seed, e): the same on every process, and after a resume
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
     args.world_size = accelerator.num_processes
-    if int(os.environ.get("WORLD_SIZE", 1)) != args.world_size:  # each process would train alone
-        raise RuntimeError(f"launched as {os.environ['WORLD_SIZE']} processes but Accelerate sees {args.world_size}; on CPU set ACCELERATE_USE_CPU=1")
     args.local_mini_batch_size = args.local_micro_batch_size * args.gradient_accumulation_steps
     args.local_batch_size = args.local_mini_batch_size * args.num_minibatches
     args.batch_size = args.local_batch_size * args.world_size
     args.num_updates = args.total_episodes // args.batch_size
-    if args.rloo_k < 2:
-        raise ValueError(f"--rloo-k {args.rloo_k}: the leave-one-out baseline needs at least 2 samples per prompt")
-    local_num_prompts = exact_div(args.local_batch_size, args.rloo_k, "responses per process per update (local_batch_size) vs --rloo-k")
-    if args.num_updates < 1:
-        raise ValueError(f"--total-episodes {args.total_episodes} is less than one batch of {args.batch_size} responses")
-    if args.temperature <= 0:
-        raise ValueError(f"--temperature {args.temperature}: sampling needs a positive temperature")
-    if args.reward_model is not None and args.reward_fn is not None:
-        raise ValueError("give --reward-model or --reward-fn, not both")
-    if args.model is not None and args.reward_model is None and args.reward_fn is None:
-        raise ValueError("give a reward: --reward-model <path or hub id> or --reward-fn module:function")
-    if args.model is not None and args.dataset is None:
-        raise ValueError("give the prompts: --dataset <hub id, directory or file>")
-    if args.resume_from not in (None, "latest") and args.output_dir is None:  # <output dir>/checkpoints/update-n
-        args.output_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.resume_from)))
-    if args.resume_from == "latest" and args.output_dir is None:
-        raise ValueError("--resume-from latest looks in <output dir>/checkpoints: also pass the --output-dir of the run")
-    args.run_name = args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    args.output_dir = args.output_dir or os.path.join("output", args.run_name)
-    check_output_dir(args.output_dir, args.resume_from, args.overwrite)
-
-    if args.model is None:  # the built-in toy task
-        with accelerator.main_process_first():
-            args.model = build_toy(print_fn=accelerator.print)
-        if args.reward_model is None and args.reward_fn is None:
-            args.reward_fn = "common.toy:sort_reward"
+    if args.num_generations < 2:
+        raise ValueError(f"--num-generations {args.num_generations}: the leave-one-out baseline needs 2 or more")
+    K = args.num_generations
+    local_num_prompts = exact_div(args.local_batch_size, K, "local_batch_size vs --num-generations")
+    run = Run(args, accelerator, __file__)  # checks, output dir, resume lookup; the toy task if no --model
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
-    algorithm, shape = os.path.basename(__file__)[: -len(".py")], model_shape(load_config(args.model, "--model", args.trust_remote_code))
-    resume_path, resume_state = None, {"update": 0, "skipped_batches": 0}
-    if args.resume_from is not None:
-        resume_path, resume_state = find_checkpoint(args.resume_from, args.output_dir, algorithm, shape)
-        args.run_name = resume_state["run_name"]  # continue the same TensorBoard run
-    raw_dataset = toy_dataset() if args.dataset is None else load_prompt_dataset(args.dataset, args.dataset_split)
-    dataset = tokenize_prompts(
-        raw_dataset, args.prompt_column, tokenizer, args.max_prompt_length, args.prompt_truncation, accelerator.print
-    )
-    if len(dataset) < local_num_prompts * args.world_size:
-        raise ValueError(f"{len(dataset)} prompts are fewer than the {local_num_prompts * args.world_size} one update needs")
-    reward_fn = import_reward_fn(args.reward_fn) if args.reward_fn is not None else None
-    reward_tokenizer = None  # set when the reward model has a vocabulary of its own
-    if reward_fn is not None:
-        probe = dataset.select(range(min(2, len(dataset))))  # fail now, not after the first generation
-        no_eos = torch.zeros(len(probe), dtype=torch.bool)
-        score_with_fn(reward_fn, probe["prompt_text"], [""] * len(probe), no_eos, columns_for_reward(probe.to_dict(), 1))
-    else:
-        check_scalar_head(args.reward_model, "--reward-model", args.trust_remote_code)
-        reward_tokenizer = load_reward_tokenizer(args.reward_model, tokenizer, args.trust_remote_code)
+    dataset = load_prompts(args, tokenizer, local_num_prompts * args.world_size, accelerator.print)
+    reward = check_reward(args, tokenizer, dataset)  # a rule, or the reward model's head and tokenizer
 
     set_seed(args.seed)  # same initial weights and data order on every process
-    frozen_dtype = torch.bfloat16 if args.bf16 else torch.float32
     policy = load_policy(args.model, torch.float32, args.trust_remote_code)
-    ref_policy = load_frozen(load_policy(args.model, torch.float32, args.trust_remote_code))  # same numerics as the policy
-    reward_model = None
-    if args.reward_model is not None:
-        reward_model = load_frozen(load_scalar_model(args.reward_model, "--reward-model", frozen_dtype, args.trust_remote_code))
+    # fp32 weights, run under the policy's autocast: the same numerics, so the first KL is exactly 0
+    ref_policy = load_frozen(load_policy(args.model, torch.float32, args.trust_remote_code))
+    reward.model = load_reward_model(args)  # None with --reward-fn
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)  # 3.7x faster steps at 160M params on CPU
+    # fused: 3.7x faster steps at 160M parameters on CPU
+    optimizer = torch.optim.AdamW(policy.parameters(), args.learning_rate, weight_decay=args.weight_decay, fused=True)
     scheduler = get_scheduler(args.lr_schedule, optimizer, args.warmup_updates, args.num_updates)
+    generator = torch.Generator().manual_seed(args.seed)  # starting an epoch must not draw from the sampling RNG
+    collate = make_collator(tokenizer)  # left-pads the prompts
     dataloader = DataLoader(
-        dataset, batch_size=local_num_prompts, shuffle=True, drop_last=True, collate_fn=make_collator(tokenizer),
-        generator=torch.Generator().manual_seed(args.seed),  # starting an epoch must not draw from the sampling RNG
+        dataset, local_num_prompts, shuffle=True, drop_last=True, collate_fn=collate, generator=generator
     )
-    # prepare() shards the dataloader: each process draws its own prompts and samples all K
-    # responses of each, so every group of K lives on one process.
+    # prepare() shards the dataloader: each process draws its own prompts and generates every response
+    # to each, so a prompt's baseline never needs another process's responses.
     policy, optimizer, dataloader = accelerator.prepare(policy, optimizer, dataloader)
     ref_policy = prepare_frozen(ref_policy, accelerator)  # after prepare(): ZeRO-3 reads the filled-in config
-    reward_model = prepare_frozen(reward_model, accelerator) if reward_model is not None else None
+    reward.model = prepare_frozen(reward.model, accelerator) if reward.model is not None else None
     set_seed(args.seed + accelerator.process_index * 100003)  # different samples on every process
     accelerator.register_for_checkpointing(scheduler)
-    if resume_path is not None:  # weights, optimizer, scheduler and every process's RNG states
-        accelerator.load_state(resume_path)
-        accelerator.print(f"resumed from {resume_path} after update {resume_state['update']}")
-    start_update, skipped_batches = resume_state["update"], resume_state["skipped_batches"]
+    start_update = run.resume()  # weights, optimizer, scheduler and every process's RNG states
     gen_config = generation_config(tokenizer, args.max_new_tokens, args.temperature)
     synced = needs_synced_generation(accelerator)  # sharded weights: every process steps until all are done
     batches = repeat_forever(dataloader, skip=start_update)
     device = accelerator.device
 
-    trackers = {}
-    if accelerator.is_main_process:
-        metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-        trackers = init_tracking(args.run_name, asdict(args), metrics_path, args.track, args.wandb_project, start_update)
-        accelerator.print(
-            f"{args.run_name}: {args.num_updates} updates of {args.batch_size} responses "
-            f"({args.world_size} process(es) x {args.local_batch_size}), logs in runs/{args.run_name}"
-        )
-    stop = catch_stop_signals()  # Ctrl-C / pre-emption: finish the update, checkpoint, exit
-    progress = tqdm(
-        range(start_update + 1, args.num_updates + 1), initial=start_update, total=args.num_updates,
-        disable=None if accelerator.is_main_process else True, desc=args.exp_name,
-    )
-    start_time = time.time()
-    for update in progress:
+    for update in range(start_update + 1, args.num_updates + 1):
         batch = next(batches)
 
         # 1. Rollout
-        queries = batch["queries"].repeat_interleave(args.rloo_k, dim=0)  # (B, P): rows n*K..n*K+K-1 answer prompt n
-        query_mask = batch["query_mask"].repeat_interleave(args.rloo_k, dim=0)  # (B, P)
+        queries = batch["queries"].repeat_interleave(K, dim=0)  # (B, P): rows n*K..n*K+K-1 answer prompt n
+        query_mask = batch["query_mask"].repeat_interleave(K, dim=0)  # (B, P)
         with torch.no_grad(), unwrap_for_generation(policy, accelerator) as unwrapped:
             responses = generate(unwrapped, queries, query_mask, gen_config, synced)  # (B, T)
-        responses, response_mask, has_eos = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        responses, response_mask, has_eos = truncate_at_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
         query_responses = torch.cat([queries, responses], dim=1)  # (B, P+T)
         attention_mask = torch.cat([query_mask, response_mask], dim=1)  # (B, P+T)
         T = responses.shape[1]
 
         # 2. Score
-        prompts = [p for p in batch["prompt_text"] for _ in range(args.rloo_k)]
-        columns = columns_for_reward(batch, args.rloo_k)
+        prompts = [p for p in batch["prompt_text"] for _ in range(K)]
+        columns = columns_for_reward(batch, K)
         scores, completions = score_responses(
-            queries, query_mask, responses, response_mask, has_eos, prompts, columns, tokenizer, reward_model, reward_fn, reward_tokenizer
+            reward, tokenizer, queries, query_mask, responses, response_mask, has_eos, prompts, columns
         )
         if args.missing_eos_penalty is not None:
-            scores = torch.where(has_eos, scores, torch.full_like(scores, args.missing_eos_penalty))
+            scores = torch.where(has_eos, scores, args.missing_eos_penalty)
 
         # 3. Log-probs
         # Recomputed with the same forward as the update (not taken from generate), so the
@@ -320,11 +260,11 @@ def main(args: Args) -> dict:
         with torch.no_grad():
             for i in range(0, len(queries), args.local_micro_batch_size):
                 rows = slice(i, i + args.local_micro_batch_size)
-                logits = forward(policy, query_responses[rows], attention_mask[rows], logits_to_keep=T + 1).logits[:, :-1]
+                logits = response_logits(policy, query_responses[rows], attention_mask[rows], T)  # (b, T, V)
                 logprobs.append(selective_log_softmax(logits, responses[rows], args.temperature))
                 entropy.append(entropy_from_logits(logits, args.temperature))
                 with accelerator.autocast():  # the autocast that prepare() gave the policy: KL 0 at the start
-                    ref_logits = forward(ref_policy, query_responses[rows], attention_mask[rows], logits_to_keep=T + 1).logits[:, :-1]
+                    ref_logits = response_logits(ref_policy, query_responses[rows], attention_mask[rows], T)
                 ref_logprobs.append(selective_log_softmax(ref_logits, responses[rows], args.temperature))
                 del logits, ref_logits
         logprobs = torch.cat(logprobs).masked_fill(~response_mask, INVALID_LOGPROB)  # (B, T)
@@ -336,107 +276,64 @@ def main(args: Args) -> dict:
         rewards = scores - args.kl_coef * kl.sum(dim=1)  # (B,): the whole response is one action
 
         # 5. Advantages
-        advantages = rloo_advantages(rewards, args.rloo_k)  # (B,)
-
-        if not all_finite(accelerator.reduce, update, args.skip_nonfinite, scores=scores, kl=kl, advantages=advantages):
-            skipped_batches += 1
-            continue  # every process skips this batch together
+        advantages = rloo_advantages(rewards, K)  # (B,)
+        if not run.all_finite(update, scores=scores, kl=kl, advantages=advantages):
+            continue  # --skip-nonfinite: every process skips this batch together
 
         # 6. Update
-        # Every micro-batch holds the same number of responses, so the per-micro-batch mean that
+        # --num-epochs passes over the batch, each in a new order, cut into micro-batches; accumulate()
+        # steps the optimizer every gradient_accumulation_steps of them, once per minibatch.
+        # Every micro-batch holds as many responses, so the per-micro-batch mean that
         # accelerator.backward divides by gradient_accumulation_steps is the minibatch mean.
-        stats = {"ratio": [], "clipped": [], "approxkl": [], "loss": []}
-        for _ in range(args.num_epochs):
-            order = torch.randperm(args.local_batch_size, device=device)
-            for mb_start in range(0, args.local_batch_size, args.local_mini_batch_size):
-                for mu_start in range(mb_start, mb_start + args.local_mini_batch_size, args.local_micro_batch_size):
-                    rows = order[mu_start : mu_start + args.local_micro_batch_size]
-                    with accelerator.accumulate(policy):
-                        logits = forward(policy, query_responses[rows], attention_mask[rows], logits_to_keep=T + 1).logits[:, :-1]
-                        new_logprobs = selective_log_softmax(logits, responses[rows], args.temperature)
-                        loss, ratio, clipped = policy_loss(
-                            new_logprobs, logprobs[rows], advantages[rows], response_mask[rows], args.cliprange
-                        )
-                        if not torch.isfinite(loss):
-                            raise FloatingPointError(f"update {update}: non-finite loss; stopped before applying it")
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients:
-                            accelerator.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-                        optimizer.step()
-                        optimizer.zero_grad()
-                    stats["ratio"].append(ratio)
-                    stats["clipped"].append(clipped.float())
-                    stats["approxkl"].append(0.5 * ratio.log() ** 2)
-                    stats["loss"].append(loss.detach().reshape(1))
-                    del logits
+        orders = [torch.randperm(args.local_batch_size, device=device) for _ in range(args.num_epochs)]
+        stats = defaultdict(list)  # per micro-batch statistics, logged in step 7
+        for rows in torch.cat(orders).split(args.local_micro_batch_size):
+            with accelerator.accumulate(policy):
+                logits = response_logits(policy, query_responses[rows], attention_mask[rows], T)  # (b, T, V)
+                new_logprobs = selective_log_softmax(logits, responses[rows], args.temperature)
+                loss, ratio, clipped = policy_loss(
+                    new_logprobs, logprobs[rows], advantages[rows], response_mask[rows], args.cliprange
+                )
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"update {update}: non-finite loss; stopped before applying it")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            stats["ratio"].append(ratio)
+            stats["clipped"].append(clipped.float())
+            stats["approxkl"].append(0.5 * ratio.log() ** 2)
+            stats["loss"].append(loss.detach().reshape(1))
+            del logits
         lr = scheduler.get_last_lr()[0]  # the rate this update used
         scheduler.step()
 
         # 7. Log
-        def global_mean(x: torch.Tensor) -> float:
-            """Mean over all processes of tensors whose sizes may differ (token counts do)."""
-            sums = accelerator.gather(torch.stack([x.double().sum(), torch.tensor(x.numel(), dtype=torch.float64, device=device)]))
-            return (sums[0::2].sum() / sums[1::2].sum()).item()
-
-        def global_var(x: torch.Tensor) -> float:
-            return global_mean((x.double() - global_mean(x)) ** 2)
-
         ratio = torch.cat(stats["ratio"])
-        metrics = {
-            "objective/scores": global_mean(scores),
-            "objective/kl": global_mean(kl.sum(dim=1)),
-            "objective/rlhf_reward": global_mean(scores - args.kl_coef * kl.sum(dim=1)),
-            "objective/entropy": global_mean(masked_sum(entropy, response_mask, dim=1)),
-            "policy/approxkl": global_mean(torch.cat(stats["approxkl"])),
-            "policy/clipfrac": global_mean(torch.cat(stats["clipped"])),
-            "loss/policy": global_mean(torch.cat(stats["loss"])),
-            "val/ratio": global_mean(ratio),
-            "val/ratio_var": global_var(ratio),
-            "val/num_eos_tokens": accelerator.gather(has_eos.float()).sum().item(),
-            "val/response_length": global_mean(response_mask.sum(dim=1)),
-            "val/advantage_abs": global_mean(advantages.abs()),
-            "lr": lr,
-            "episode": update * args.batch_size,
-            "val/skipped_batches": skipped_batches,
-            "time/episodes_per_second": (update - start_update) * args.batch_size / (time.time() - start_time),
-        }
-        if not all(math.isfinite(v) for v in metrics.values()):
-            raise FloatingPointError(f"update {update}: non-finite metrics {metrics}")
-        if accelerator.is_main_process:
-            log_metrics(trackers, metrics, update)
-            progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
-            progress.write(
-                f"update {update}/{args.num_updates} | episode {metrics['episode']} | score {metrics['objective/scores']:.3f}"
-                f" | kl {metrics['objective/kl']:.3f} | rlhf_reward {metrics['objective/rlhf_reward']:.3f}"
-                f" | entropy {metrics['objective/entropy']:.2f} | episodes/s {metrics['time/episodes_per_second']:.0f}"
-            )
-            if update == args.num_updates or (args.print_samples_every and update % args.print_samples_every == 0):
-                progress.write(samples_table(prompts[:: args.rloo_k], completions[:: args.rloo_k], scores[:: args.rloo_k].tolist()))
-
-        stopping = accelerator.reduce(torch.tensor(float(stop["signal"] is not None), device=device)).item() > 0
-        if stopping or (args.save_every and update % args.save_every == 0):
-            checkpoint_state = {"algorithm": algorithm, "update": update, "run_name": args.run_name, "model_shape": shape,
-                                "skipped_batches": skipped_batches}
-            path = save_checkpoint(accelerator, args.output_dir, checkpoint_state, args.keep_last)
-            accelerator.print(f"checkpoint: {path}")
-        if stopping:
-            progress.close()
-            accelerator.print(f"stopped after update {update}; to continue: {resume_command(sys.argv, args.output_dir)}")
-            raise SystemExit(128 + (stop["signal"] or 15))
+        metrics = global_means(
+            accelerator,
+            {  # means over all processes
+                "objective/scores": scores,
+                "objective/kl": kl.sum(dim=1),
+                "objective/rlhf_reward": scores - args.kl_coef * kl.sum(dim=1),
+                "objective/entropy": masked_sum(entropy, response_mask, dim=1),
+                "policy/approxkl": torch.cat(stats["approxkl"]),
+                "policy/clipfrac": torch.cat(stats["clipped"]),
+                "loss/policy": torch.cat(stats["loss"]),
+                "val/ratio": ratio,
+                "val/response_length": response_mask.sum(dim=1),
+                "val/advantage_abs": advantages.abs(),
+            },
+        )
+        metrics["val/ratio_var"] = global_var(accelerator, ratio)
+        metrics["val/num_eos_tokens"] = accelerator.gather(has_eos.float()).sum().item()
+        metrics["lr"] = lr
+        run.log(update, metrics, samples=(prompts[::K], completions[::K], scores[::K]))
+        run.end_update(update)  # a checkpoint every --save-every updates; stop here after Ctrl-C / SIGTERM
 
     # Save: the full state dict is gathered on the main process, whatever the engine.
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(policy)
-    accelerator.unwrap_model(policy).save_pretrained(
-        args.output_dir, state_dict=state_dict, save_function=accelerator.save, is_main_process=accelerator.is_main_process
-    )
-    if accelerator.is_main_process:
-        tokenizer.save_pretrained(args.output_dir)
-        close_tracking(trackers)
-        accelerator.print(f"saved the trained policy and tokenizer to {args.output_dir}")
-    accelerator.wait_for_everyone()  # leave together: gloo's teardown can hang while a peer is already gone
-    accelerator.end_training()
-    return metrics
+    return run.save(accelerator.unwrap_model(policy), accelerator.get_state_dict(policy), tokenizer)
 
 
 if __name__ == "__main__":

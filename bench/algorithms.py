@@ -43,7 +43,7 @@ def script_cmd(a, script, assets, outdir, out_json) -> list:
         "--learning-rate", "1e-6", "--seed", "1", "--print-samples-every", "0",
     ]
     if script == "rloo":
-        cmd += ["--rloo-k", str(a.k)]
+        cmd += ["--num-generations", str(a.k)]
     return cmd
 
 

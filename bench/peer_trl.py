@@ -55,9 +55,9 @@ def ours_cmd(a, algo, assets, outdir) -> list:
         "--seed", str(a.seed), "--print-samples-every", "0",
     ]
     if algo == "rloo":
-        cmd += ["--rloo-k", str(a.k), "--max-grad-norm", "1.0"]
+        cmd += ["--num-generations", str(a.k), "--max-grad-norm", "1.0"]
     else:
-        cmd += ["--num-ppo-epochs", str(a.num_ppo_epochs), "--max-grad-norm", "1e9"]  # TRL's PPO does not clip
+        cmd += ["--num-epochs", str(a.num_epochs), "--max-grad-norm", "1e9"]  # TRL's PPO does not clip
     return cmd
 
 
@@ -68,7 +68,7 @@ def trl_cmd(a, algo, assets, outdir, out_json) -> list:
         "--k", str(a.k), "--batch-size", str(a.batch_size), "--updates", str(a.updates),
         "--max-new-tokens", str(a.max_new_tokens), "--temperature", str(a.temperature),
         "--learning-rate", str(a.learning_rate), "--kl-coef", str(a.kl_coef), "--max-grad-norm", "1.0",
-        "--num-ppo-epochs", str(a.num_ppo_epochs), "--seed", str(a.seed),
+        "--num-epochs", str(a.num_epochs), "--seed", str(a.seed),
     ]
 
 
@@ -193,7 +193,7 @@ def render(record: dict) -> tuple:
         "",
         f"Workload: toy policy {a['policy_params']:,} parameters, reward model of the same size fitted to the sorting rule "
         f"(held-out correlation {record['assets']['reward_model_fit']['heldout_corr_with_rule']}); {a['batch_size']} completions per update "
-        f"(RLOO: {a['batch_size'] // a['k']} prompts x K={a['k']}; PPO: {a['batch_size']} prompts x 1, {a['num_ppo_epochs']} epochs, 1 minibatch), "
+        f"(RLOO: {a['batch_size'] // a['k']} prompts x K={a['k']}; PPO: {a['batch_size']} prompts x 1, {a['num_epochs']} epochs, 1 minibatch), "
         f"max {a['max_new_tokens']} new tokens, temperature {a['temperature']}, lr {a['learning_rate']} linear to 0, "
         f"beta {a['kl_coef']}, {a['updates']} updates, {a['repeats']} run(s) of each, alternating. Medians over runs.",
         "",
@@ -224,7 +224,7 @@ def main():
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--kl-coef", type=float, default=0.05)
-    p.add_argument("--num-ppo-epochs", type=int, default=4)
+    p.add_argument("--num-epochs", type=int, default=4)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="intra-op threads of every run")
     p.add_argument("--algos", default="rloo,ppo")

@@ -74,7 +74,7 @@ def run_ppo(a, tokenizer, prompts, recorder):
     config = PPOConfig(
         **common_kwargs(a),
         total_episodes=a.updates * a.batch_size,
-        num_mini_batches=1, num_ppo_epochs=a.num_ppo_epochs, local_rollout_forward_batch_size=a.batch_size,
+        num_mini_batches=1, num_epochs=a.num_epochs, local_rollout_forward_batch_size=a.batch_size,
         response_length=a.max_new_tokens, stop_token="eos", temperature=a.temperature,
         kl_coef=a.kl_coef, kl_estimator="k1", cliprange=0.2, vf_coef=0.1, cliprange_value=0.2, gamma=1.0, lam=0.95,
         whiten_rewards=False, num_sample_generations=0, sft_model_path=a.model, reward_model_path=a.reward_model,
@@ -109,7 +109,7 @@ def main():
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--kl-coef", type=float, default=0.05)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--num-ppo-epochs", type=int, default=4)
+    p.add_argument("--num-epochs", type=int, default=4)
     p.add_argument("--seed", type=int, default=1)
     a = p.parse_args()
 

@@ -17,7 +17,9 @@ def load_data_file(name: str, path: str, file_type: str) -> Dataset:
     try:
         return load_dataset(file_type, data_files=path, split="train")
     except Exception as e:  # no rows, malformed file
-        raise ValueError(f"--dataset {name!r} could not be read as {file_type} (empty or malformed?): {type(e).__name__}: {e}") from e
+        raise ValueError(
+            f"--dataset {name!r} could not be read as {file_type} (empty or malformed?): {type(e).__name__}: {e}"
+        ) from e
 
 
 def load_prompt_dataset(name: str, split: str) -> Dataset:
@@ -27,7 +29,9 @@ def load_prompt_dataset(name: str, split: str) -> Dataset:
     if ext in FILE_TYPES:
         dataset = load_data_file(name, path, FILE_TYPES[ext])
     elif os.path.isdir(path):
-        if os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(os.path.join(path, "dataset_dict.json")):
+        if os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(
+            os.path.join(path, "dataset_dict.json")
+        ):
             dataset = load_from_disk(path)
             dataset = dataset[split] if isinstance(dataset, DatasetDict) else dataset
         else:
@@ -48,7 +52,9 @@ def render_prompts(dataset: Dataset, column: str, tokenizer) -> list:
     """The prompt column as text: strings as they are, lists of chat messages through the
     tokenizer's chat template with the generation prompt appended."""
     if column not in dataset.column_names:
-        raise ValueError(f"the dataset has no column {column!r}; its columns are {dataset.column_names}: set --prompt-column")
+        raise ValueError(
+            f"the dataset has no column {column!r}; its columns are {dataset.column_names}: set --prompt-column"
+        )
     first = dataset[0][column]
     if isinstance(first, str):
         return list(dataset[column])
@@ -56,10 +62,14 @@ def render_prompts(dataset: Dataset, column: str, tokenizer) -> list:
         if tokenizer.chat_template is None:
             raise ValueError(f"column {column!r} holds chat messages but the tokenizer has no chat template")
         return [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in dataset[column]]
-    raise ValueError(f"column {column!r} must hold strings or lists of {{'role', 'content'}} messages, got {type(first).__name__}")
+    raise ValueError(
+        f"column {column!r} must hold strings or lists of {{'role', 'content'}} messages, got {type(first).__name__}"
+    )
 
 
-def tokenize_prompts(dataset: Dataset, column: str, tokenizer, max_prompt_length: int, truncation: str, print_fn=print) -> Dataset:
+def tokenize_prompts(
+    dataset: Dataset, column: str, tokenizer, max_prompt_length: int, truncation: str, print_fn=print
+) -> Dataset:
     """Adds `input_ids` and the rendered `prompt_text`. Prompts longer than max_prompt_length are
     dropped or left-truncated (truncation = "drop" | "left"), and the count is printed."""
     texts = render_prompts(dataset, column, tokenizer)
@@ -73,7 +83,9 @@ def tokenize_prompts(dataset: Dataset, column: str, tokenizer, max_prompt_length
     dataset = dataset.add_column("input_ids", ids).add_column("prompt_text", texts)
     if too_long:
         verb = "left-truncated" if truncation == "left" else "dropped"
-        print_fn(f"{len(too_long)} of {len(dataset)} prompts are longer than --max-prompt-length {max_prompt_length}: {verb}")
+        print_fn(
+            f"{len(too_long)} of {len(dataset)} prompts are longer than --max-prompt-length {max_prompt_length}: {verb}"
+        )
         if truncation == "drop":
             dataset = dataset.select(sorted(set(range(len(dataset))) - set(too_long)))
     if len(dataset) == 0:
@@ -104,8 +116,21 @@ def repeat_forever(dataloader, skip: int = 0):
         epoch, skip = epoch + 1, 0
 
 
+def load_prompts(args, tokenizer, min_prompts: int, print_fn=print) -> Dataset:
+    """--dataset (or the toy task's prompts) tokenized, with the checks that need the tokens: at least
+    min_prompts prompts (one update's worth), and prompt + --max-new-tokens within the model's positions."""
+    from common.toy import toy_dataset
+
+    raw = toy_dataset() if args.dataset is None else load_prompt_dataset(args.dataset, args.dataset_split)
+    dataset = tokenize_prompts(
+        raw, args.prompt_column, tokenizer, args.max_prompt_length, args.prompt_truncation, print_fn
+    )
+    if len(dataset) < min_prompts:
+        raise ValueError(f"{len(dataset)} prompts are fewer than the {min_prompts} one update needs")
+    return dataset
+
+
 def columns_for_reward(batch: dict, repeats: int) -> dict:
     """The dataset's other columns, each value repeated for the `repeats` responses of its prompt."""
     skip = {"queries", "query_mask", "prompt_text", "input_ids"}
     return {k: [v for v in vals for _ in range(repeats)] for k, vals in batch.items() if k not in skip}
-

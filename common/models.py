@@ -4,9 +4,15 @@ import copy
 import os
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 
-from common.ops import position_ids_from_mask
+from common.ops import position_ids_from_mask, response_logits
 
 
 def check_model_source(name: str, flag: str) -> None:
@@ -69,7 +75,9 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
 def load_policy(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """A causal LM with dropout off."""
     load_config(name, "--model", trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=dtype, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.expanduser(name), dtype=dtype, trust_remote_code=trust_remote_code
+    )
     return disable_dropout(model)
 
 
@@ -102,7 +110,8 @@ def prepare_frozen(model: torch.nn.Module, accelerator):
     config.pop("optimizer", None)
     config.pop("scheduler", None)
     engine, *_ = deepspeed.initialize(model=model, config=config)
-    return engine.eval()
+    engine.eval()  # DeepSpeedEngine.eval() returns None, unlike nn.Module.eval()
+    return engine
 
 
 def check_scalar_head(name: str, flag: str, trust_remote_code: bool = False) -> None:
@@ -115,7 +124,9 @@ def check_scalar_head(name: str, flag: str, trust_remote_code: bool = False) -> 
         )
 
 
-def load_scalar_model(name: str, flag: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, new_head: bool = False):
+def load_scalar_model(
+    name: str, flag: str, trust_remote_code: bool = False, new_head: bool = False, dtype: torch.dtype = torch.float32
+):
     """AutoModelForSequenceClassification with one output, dropout off: a reward or value model.
     new_head: `name` is a causal LM; keep its backbone and start a fresh scalar head."""
     if not new_head:
@@ -126,6 +137,37 @@ def load_scalar_model(name: str, flag: str, dtype: torch.dtype = torch.float32, 
     if not isinstance(getattr(model, "score", None), torch.nn.Linear) or model.score.out_features != 1:
         raise ValueError(f"{flag} {name!r}: expected a linear `score` head with one output")
     return disable_dropout(model)
+
+
+def load_reward_model(args):
+    """The frozen reward model (bf16 weights under --bf16: only its score's rounding is at stake), or
+    None when the reward is a rule (--reward-fn)."""
+    if args.reward_model is None:
+        return None
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    return load_frozen(load_scalar_model(args.reward_model, "--reward-model", args.trust_remote_code, dtype=dtype))
+
+
+class PolicyAndValue(torch.nn.Module):
+    """PPO's two trained models as one module, so one prepare() and one optimizer cover both."""
+
+    def __init__(self, policy, value_model):
+        super().__init__()
+        self.policy, self.value_model = policy, value_model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int):
+        """For query_responses (B, P+T) with T = response_length: the logits that predict each response
+        token (B, T, V) and the value of the state each response token is sampled in (B, T), in fp32."""
+        T = response_length
+        logits = response_logits(self.policy, input_ids, attention_mask, T)
+        return logits, scalar_head_values(self.value_model, input_ids, attention_mask)[:, -T - 1 : -1].float()
+
+
+def load_value_model(args):
+    """PPO's trained value model: --value-model, else the reward model, else the policy's backbone with a
+    fresh scalar head. fp32 weights, like the policy."""
+    source = args.value_model or args.reward_model
+    return load_scalar_model(source or args.model, "--value-model", args.trust_remote_code, new_head=not source)
 
 
 def scalar_head_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

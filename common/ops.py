@@ -39,6 +39,12 @@ def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwar
     )
 
 
+def response_logits(model, query_responses: torch.Tensor, attention_mask: torch.Tensor, T: int) -> torch.Tensor:
+    """The logits that predict each of the last T tokens (the response): position t's logits predict
+    token t + 1, so they are those of positions P-1 .. P+T-2. (B, P+T) -> (B, T, V)"""
+    return forward(model, query_responses, attention_mask, logits_to_keep=T + 1).logits[:, :-1]
+
+
 class _SelectiveLogSoftmax(torch.autograd.Function):
     """log softmax(logits / t)[labels] that keeps nothing for backward but the logits themselves:
     the softmax is recomputed row by row there, so no (B, T, V) copy is saved beside the logits."""
@@ -105,3 +111,23 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask, whitened, torch.zeros_like(whitened))
+
+
+def global_means(accelerator, tensors: dict) -> dict:
+    """{name: mean over all processes} of tensors whose sizes may differ between processes (token
+    counts do): every process's sums and counts in one gather, in float64."""
+    device = accelerator.device
+    local = torch.stack(
+        [
+            torch.stack([t.double().sum(), torch.tensor(t.numel(), dtype=torch.float64, device=device)])
+            for t in tensors.values()
+        ]
+    )  # (names, 2)
+    total = accelerator.gather(local.unsqueeze(0)).sum(0)  # (names, 2)
+    return {name: (s / n).item() for name, (s, n) in zip(tensors, total)}
+
+
+def global_var(accelerator, x: torch.Tensor) -> float:
+    """Variance over all processes (population variance, float64)."""
+    mean = global_means(accelerator, {"x": x})["x"]
+    return global_means(accelerator, {"x": (x.double() - mean) ** 2})["x"]

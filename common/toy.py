@@ -60,8 +60,16 @@ def make_model(vocab_size: int = 32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=None,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
         tie_word_embeddings=True,
     )
     return LlamaForCausalLM(config)
@@ -82,7 +90,9 @@ def pretrain(model, tokenizer, steps: int, batch_size: int = 128, lr: float = 3e
         full_ids = [p + tokenizer(a)["input_ids"] + [tokenizer.eos_token_id] for p, a in zip(prompt_ids, answers)]
         L = max(map(len, full_ids))
         input_ids = torch.tensor([x + [tokenizer.pad_token_id] * (L - len(x)) for x in full_ids])  # (B, L) right-padded
-        labels = torch.tensor([[-100] * len(p) + x[len(p):] + [-100] * (L - len(x)) for p, x in zip(prompt_ids, full_ids)])
+        labels = torch.tensor(
+            [[-100] * len(p) + x[len(p) :] + [-100] * (L - len(x)) for p, x in zip(prompt_ids, full_ids)]
+        )
         attention_mask = (labels != -100) | (torch.arange(L) < torch.tensor([len(p) for p in prompt_ids]).unsqueeze(1))
         loss = model(input_ids=input_ids, attention_mask=attention_mask.long(), labels=labels).loss
         loss.backward()

@@ -124,6 +124,15 @@ def _restore_signal_handlers():
         signal.signal(s, handler)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps one state per process (mixed precision among it): each test starts afresh."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+
+
 def read_metrics(path):
     """A run's metrics.jsonl, one dict per update."""
     import json

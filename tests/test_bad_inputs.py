@@ -95,10 +95,10 @@ class Inputs:
 # Each case: (Args overrides built from Inputs, the error type, substrings of its message).
 # model=None is the built-in toy task (policy from the toy cache, reward common.toy:sort_reward).
 CASES = [
-    pytest.param(lambda x: dict(rloo_k=1), ValueError, ["--rloo-k 1", "at least 2"], id="rloo_k=1"),
+    pytest.param(lambda x: dict(num_generations=1), ValueError, ["--num-generations 1", "2 or more"], id="num_generations=1"),
     pytest.param(
-        lambda x: dict(local_micro_batch_size=6, gradient_accumulation_steps=1, rloo_k=4),
-        ValueError, ["6 is not divisible by 4", "--rloo-k"], id="batch-not-divisible-by-k",
+        lambda x: dict(local_micro_batch_size=6, gradient_accumulation_steps=1, num_generations=4),
+        ValueError, ["6 is not divisible by 4", "--num-generations"], id="batch-not-divisible-by-k",
     ),
     pytest.param(lambda x: dict(total_episodes=8), ValueError, ["--total-episodes 8", "one batch of 16"], id="total-episodes-too-small"),
     pytest.param(

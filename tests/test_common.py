@@ -28,7 +28,7 @@ from common.ops import (
     position_ids_from_mask,
     selective_log_softmax,
 )
-from common.rollout import generation_config, import_reward_fn, score_with_fn, score_with_model, truncate_after_eos
+from common.rollout import generation_config, import_reward_fn, score_with_fn, score_with_model, truncate_at_eos
 
 TEMPERATURES = [0.5, 0.7, 1.0, 1.7]
 
@@ -200,27 +200,27 @@ EOS, PAD = 2, 0
     ],
     ids=["no-eos", "eos-first", "eos-middle", "eos-last"],
 )
-def test_truncate_after_eos_cases(row, kept, mask, has_eos):
-    responses, response_mask, eos = truncate_after_eos(torch.tensor([row]), EOS, PAD)
+def test_truncate_at_eos_cases(row, kept, mask, has_eos):
+    responses, response_mask, eos = truncate_at_eos(torch.tensor([row]), EOS, PAD)
     assert responses.tolist() == [kept]
     assert response_mask.tolist() == [[bool(m) for m in mask]]
     assert eos.tolist() == [has_eos]
 
 
-def test_truncate_after_eos_pad_equals_eos():
+def test_truncate_at_eos_pad_equals_eos():
     """GPT-2/Pythia: pad id == EOS id == 1. The first 1 is a real token (the EOS) and is kept;
     the 1s after it are padding. A mask built from token != pad would drop the EOS itself."""
     responses = torch.tensor([[5, 1, 6, 1, 7], [5, 6, 1, 1, 1], [1, 1, 1, 1, 1], [5, 6, 7, 8, 9]])
-    out, mask, has_eos = truncate_after_eos(responses, eos_token_id=1, pad_token_id=1)
+    out, mask, has_eos = truncate_at_eos(responses, eos_token_id=1, pad_token_id=1)
     assert out.tolist() == [[5, 1, 1, 1, 1], [5, 6, 1, 1, 1], [1, 1, 1, 1, 1], [5, 6, 7, 8, 9]]
     assert mask.int().tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
     assert has_eos.tolist() == [True, True, True, False]
 
 
 @pytest.mark.parametrize("eos, pad", [(2, 0), (1, 1)])
-def test_truncate_after_eos_equals_naive_loop(eos, pad):
+def test_truncate_at_eos_equals_naive_loop(eos, pad):
     responses = torch.randint(0, 6, (64, 9), generator=torch.Generator().manual_seed(eos))
-    out, mask, has_eos = truncate_after_eos(responses, eos, pad)
+    out, mask, has_eos = truncate_at_eos(responses, eos, pad)
     for row, out_row, mask_row, ended in zip(responses.tolist(), out.tolist(), mask.tolist(), has_eos.tolist()):
         cut = row.index(eos) + 1 if eos in row else len(row)
         assert out_row == row[:cut] + [pad] * (len(row) - cut)
@@ -258,7 +258,7 @@ def test_recomputed_logprobs_equal_sampling_distribution(request, model_dir):
     queries, query_mask = batch.input_ids, batch.attention_mask.bool()  # (B, P)
     torch.manual_seed(0)
     out = model.generate(input_ids=queries, attention_mask=query_mask.long(), generation_config=config)
-    responses, response_mask, _ = truncate_after_eos(out.sequences[:, queries.shape[1]:], tokenizer.eos_token_id, tokenizer.pad_token_id)
+    responses, response_mask, _ = truncate_at_eos(out.sequences[:, queries.shape[1]:], tokenizer.eos_token_id, tokenizer.pad_token_id)
     sampled = torch.stack(out.scores, dim=1).float().log_softmax(-1)  # (B, T, V)
     sampled = sampled.gather(-1, responses.unsqueeze(-1)).squeeze(-1)  # (B, T)
     assert response_mask.sum() >= 10  # enough tokens for the comparison to mean something
@@ -318,7 +318,7 @@ def scoring_batch(tokenizer):
     prompts = ["ab:", "qzbmxy:", "kji:"]
     raw = [tokenizer("ba")["input_ids"] + [eos, 9, 9, eos], tokenizer("bmqxy")["input_ids"] + [eos], tokenizer("ijklmn")["input_ids"]]
     batch = make_collator(tokenizer)([{"input_ids": tokenizer(p)["input_ids"]} for p in prompts])
-    responses, response_mask, _ = truncate_after_eos(torch.tensor(raw), eos, pad)
+    responses, response_mask, _ = truncate_at_eos(torch.tensor(raw), eos, pad)
     unpadded = [tokenizer(p)["input_ids"] + r[: int(m.sum())] for p, r, m in zip(prompts, responses.tolist(), response_mask)]
     return batch["queries"], batch["query_mask"], responses, response_mask, unpadded
 
@@ -559,9 +559,22 @@ def test_score_with_fn_passes_eos_and_columns_and_checks_the_output():
 
     with pytest.raises(ValueError, match="returned 1 scores for 2 completions"):
         score_with_fn(lambda **kw: [1.0], ["a:", "b:"], ["x", "y"], torch.tensor([True, True]), {})
-    for bad in [float("nan"), float("inf")]:
-        with pytest.raises(ValueError, match="non-finite score for completion 1: 'y'"):
-            score_with_fn(lambda **kw: [1.0, bad], ["a:", "b:"], ["x", "y"], torch.tensor([True, True]), {})
+    for bad in [float("nan"), float("inf")]:  # passed on: the script stops, or skips the batch (--skip-nonfinite)
+        scores = score_with_fn(lambda **kw: [1.0, bad], ["a:", "b:"], ["x", "y"], torch.tensor([True, True]), {})
+        assert scores[0] == 1.0 and not torch.isfinite(scores[1])
+    for returned, message in [("ab", "returned str"), (None, "returned NoneType"), (0.5, "returned float"),
+                              (["a", "b"], "not a number"), ([None, 1.0], "not a number")]:
+        with pytest.raises(TypeError, match=message):
+            score_with_fn(lambda **kw: returned, ["a:", "b:"], ["x", "y"], torch.tensor([True, True]), {})
+    assert_close(score_with_fn(lambda **kw: torch.tensor([1.0, 2.0]), ["a:", "b:"], ["x", "y"], torch.tensor([True, True]), {}),
+                 torch.tensor([1.0, 2.0]))
+
+    def raising(**kw):
+        raise KeyError("answer")
+
+    with pytest.raises(RuntimeError, match="the reward function raised KeyError: 'answer'") as info:
+        score_with_fn(raising, ["a:"], ["x"], torch.tensor([True]), {})
+    assert isinstance(info.value.__cause__, KeyError)  # its traceback is kept
 
 
 @pytest.mark.parametrize(

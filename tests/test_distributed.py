@@ -48,7 +48,11 @@ if os.environ.get("PLANT_DOUBLE_GRADIENT") and int(os.environ.get("WORLD_SIZE", 
     from accelerate import Accelerator
     real_backward = Accelerator.backward
     Accelerator.backward = lambda self, loss, **kw: real_backward(self, 2 * loss, **kw)
-torch.optim.AdamW = lambda params, lr, **unused: torch.optim.SGD(params, lr=lr)
+class PlainSGD(torch.optim.SGD):  # a class, so that libraries subclassing AdamW at import still load
+    def __init__(self, params, lr, **unused):
+        super().__init__(params, lr=lr)
+
+torch.optim.AdamW = PlainSGD
 args = module.Args(model=model, dataset=dataset, reward_fn="common.toy:sort_reward", output_dir=out, run_name="dist",
                    local_micro_batch_size=int(micro), gradient_accumulation_steps=2, total_episodes=16, max_new_tokens=6,
                    print_samples_every=0, learning_rate=1.0, max_grad_norm=1e9, **json.loads(os.environ.get("EXTRA_ARGS", "{{}}")))

@@ -122,7 +122,7 @@ def test_main_first_minibatch_ratio_one(tmp_path, llama_dir, prompts_jsonl):
 
 
 def test_main_one_epoch_is_on_policy(tmp_path, llama_dir, prompts_jsonl):
-    args = tiny_args(ppo, tmp_path, model=llama_dir, dataset=prompts_jsonl, reward_fn="common.toy:sort_reward", num_ppo_epochs=1)
+    args = tiny_args(ppo, tmp_path, model=llama_dir, dataset=prompts_jsonl, reward_fn="common.toy:sort_reward", num_epochs=1)
     metrics = ppo.main(args)
     assert_objective_is_per_response(metrics, args.kl_coef)
     assert_close(torch.tensor(metrics["val/ratio"]), torch.tensor(1.0), atol=1e-5, rtol=0)
@@ -134,7 +134,7 @@ def test_main_one_epoch_is_on_policy(tmp_path, llama_dir, prompts_jsonl):
 
 
 def test_main_reward_model_pad_equals_eos_and_explicit_value_model(tmp_path, gpt2_dir, gpt2_reward_dir, llama_reward_dir, prompts_jsonl):
-    args = tiny_args(ppo, tmp_path, model=gpt2_dir, reward_model=gpt2_reward_dir, dataset=prompts_jsonl, num_ppo_epochs=1)
+    args = tiny_args(ppo, tmp_path, model=gpt2_dir, reward_model=gpt2_reward_dir, dataset=prompts_jsonl, num_epochs=1)
     metrics = ppo.main(args)
     assert all(math.isfinite(v) for v in metrics.values())
     assert_close(torch.tensor(metrics["val/ratio"]), torch.tensor(1.0), atol=1e-5, rtol=0)

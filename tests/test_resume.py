@@ -29,14 +29,16 @@ def _weights(out):
 
 def _interrupt_after(module, monkeypatch, update):
     """Deliver SIGINT to ourselves while update `update` is being logged, as Ctrl-C would."""
-    original = module.log_metrics
+    import common.run
+
+    original = common.run.log_metrics
 
     def log_then_interrupt(trackers, metrics, step):
         original(trackers, metrics, step)
         if step == update:
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(module, "log_metrics", log_then_interrupt)
+    monkeypatch.setattr(common.run, "log_metrics", log_then_interrupt)
 
 
 @pytest.mark.parametrize("name", ["rloo", "remax", "ppo"])
@@ -76,11 +78,11 @@ def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch
             raise OSError("disk full")
         return real_save_state(self, output_dir, **kw)
 
-    with monkeypatch.context() as patch, pytest.raises(OSError, match="disk full"):
+    with monkeypatch.context() as patch, pytest.raises(RuntimeError, match="checkpoint update 3 failed .*disk full.*update-00000002\) is intact"):
         patch.setattr(Accelerator, "save_state", save_state_then_die)
         rloo.main(tiny_args(rloo, tmp_path, **args))
     checkpoints = sorted(os.listdir(tmp_path / "out" / "checkpoints"))
-    assert checkpoints == [".tmp-update-00000003", "update-00000001", "update-00000002"]
+    assert checkpoints == ["update-00000001", "update-00000002"]  # the half-written one is gone
     metrics = rloo.main(tiny_args(rloo, tmp_path, resume_from="latest", **args))  # loads update-2, runs 3 and 4
     assert metrics["episode"] == 64
     assert [m["update"] for m in _metrics(tmp_path / "out")] == [1, 2, 3, 4]
@@ -91,7 +93,7 @@ def test_refuses_foreign_checkpoints_and_finished_runs(tmp_path, monkeypatch, ll
     import remax
     import rloo
 
-    args = dict(dataset=prompts_jsonl, total_episodes=16, local_micro_batch_size=16, gradient_accumulation_steps=1)
+    args = dict(dataset=prompts_jsonl, total_episodes=32, local_micro_batch_size=16, gradient_accumulation_steps=1)
     rloo.main(tiny_args(rloo, tmp_path, model=llama_dir, reward_fn="common.toy:sort_reward", save_every=1, **args))
     checkpoint = str(tmp_path / "out" / "checkpoints" / "update-00000001")
 

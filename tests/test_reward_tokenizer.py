@@ -9,7 +9,7 @@ from torch.testing import assert_close
 
 from common import toy
 from common.models import load_reward_tokenizer, load_scalar_model, load_tokenizer
-from common.rollout import score_responses, truncate_after_eos
+from common.rollout import Reward, score_responses, truncate_at_eos
 from conftest import tiny_args
 
 
@@ -45,9 +45,10 @@ def test_foreign_vocabulary_is_retokenised(llama_dir, foreign_reward_dir):
     queries = policy_tokenizer(prompts, padding=True, return_tensors="pt")
     responses = policy_tokenizer(["abc", "bmq"], return_tensors="pt")["input_ids"]
     responses = torch.cat([responses, torch.tensor([[toy.make_tokenizer().eos_token_id], [0]])], dim=1)  # 1st ends with EOS
-    responses, mask, has_eos = truncate_after_eos(responses, policy_tokenizer.eos_token_id, policy_tokenizer.pad_token_id)
-    scores, completions = score_responses(queries["input_ids"], queries["attention_mask"].bool(), responses, mask, has_eos,
-                                          prompts, {}, policy_tokenizer, reward_model, None, reward_tokenizer)
+    responses, mask, has_eos = truncate_at_eos(responses, policy_tokenizer.eos_token_id, policy_tokenizer.pad_token_id)
+    reward = Reward(model=reward_model, tokenizer=reward_tokenizer)
+    query_ids, query_mask = queries["input_ids"], queries["attention_mask"].bool()
+    scores, completions = score_responses(reward, policy_tokenizer, query_ids, query_mask, responses, mask, has_eos, prompts, {})
     assert completions == ["abc", "bmq"]
     with torch.no_grad():  # each text alone, in the reward model's own ids, scored by the model at its last token
         for i, text in enumerate(["cab:abc", "qzbmx:bmq"]):
@@ -55,8 +56,8 @@ def test_foreign_vocabulary_is_retokenised(llama_dir, foreign_reward_dir):
             alone = reward_model(input_ids=torch.tensor([ids])).logits[0, 0]
             assert_close(scores[i], alone)
     # read with the policy's ids instead, the same model scores something else
-    wrong, _ = score_responses(queries["input_ids"], queries["attention_mask"].bool(), responses, mask, has_eos,
-                               prompts, {}, policy_tokenizer, reward_model, None, None)
+    wrong, _ = score_responses(Reward(model=reward_model), policy_tokenizer, query_ids, query_mask, responses, mask, has_eos,
+                               prompts, {})
     assert not torch.allclose(wrong, scores)
 
 

@@ -150,7 +150,7 @@ def test_cli_help_documents_every_field():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "rloo.py"), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
     for flag in ["--model", "--reward-model", "--reward-fn", "--dataset", "--prompt-column", "--max-prompt-length",
-                 "--max-new-tokens", "--temperature", "--rloo-k", "--kl-coef", "--kl-estimator", "--learning-rate",
+                 "--max-new-tokens", "--temperature", "--num-generations", "--kl-coef", "--kl-estimator", "--learning-rate",
                  "--lr-schedule", "--local-micro-batch-size", "--gradient-accumulation-steps", "--num-minibatches",
                  "--total-episodes", "--seed", "--output-dir", "--bf16", "--track", "--missing-eos-penalty"]:
         assert flag in out.stdout, flag

@@ -1,10 +1,9 @@
-"""The three algorithm files are twins: same sections in the same order, and small diffs.
+"""The algorithm files are twins: same sections in the same order, and small diffs.
 
-Budgets were calibrated once on the first complete versions (measured: rloo<->remax 175 changed
-lines, rloo<->ppo 226, about 40 of each in the module docstrings). Raising one is a decision to
-write down in the commit message, not a fix for a failing test.
-Raised once: rloo<->remax 180 -> 185 with the non-finite checks (issue 7), which name each
-algorithm's own quantities and sit at ReMax's shallower loop indentation."""
+Budgets were calibrated on the first complete versions (rloo<->remax 175 changed lines, rloo<->ppo
+226, about 40 of each in the module docstrings), raised once to 185 and 232, and lowered to 140 and
+200 when run management moved to common/run.py (issue 11). Raising one is a decision to write down
+in the commit message, not a fix for a failing test."""
 
 import os
 import re
@@ -15,13 +14,30 @@ import pytest
 from conftest import ROOT
 
 FILES = ["rloo.py", "remax.py", "ppo.py"]
-BUDGETS = {("rloo.py", "remax.py"): 185, ("rloo.py", "ppo.py"): 232}
+BUDGETS = {("rloo.py", "remax.py"): 140, ("rloo.py", "ppo.py"): 200}
+MAX_LINES = {"rloo.py": (360, 190), "remax.py": (370, 190), "ppo.py": (420, 200)}  # (file, main)
 SECTIONS = [
-    '"""', "\nimport ", "\n@dataclass\nclass Args:", "    # Experiment\n", "    # Model\n", "    # Data\n",
-    "    # Generation\n", "    # Optimization\n", "    # Batch sizes\n", "    # Algorithm\n", "    # Filled in at runtime\n",
-    "\n# ---- Algorithm ----\n", "\ndef main(args: Args) -> dict:", "        # 1. Rollout\n", "        # 2. Score\n",
-    "        # 3. Log-probs\n", "        # 4. KL-shaped rewards\n", "        # 5. Advantages\n", "        # 6. Update\n",
-    "        # 7. Log\n", '\nif __name__ == "__main__":\n    main(tyro.cli(Args))\n',
+    '"""',
+    "\nimport ",
+    "\n@dataclass\nclass Args:",
+    "    # Model\n",
+    "    # Data\n",
+    "    # Generation\n",
+    "    # Algorithm\n",
+    "    # Optimization\n",
+    "    # Batch sizes\n",
+    "    # Run: output, logging, checkpoints\n",
+    "    # Filled in at runtime\n",
+    "\n# ---- Algorithm ----\n",
+    "\ndef main(args: Args) -> dict:",
+    "        # 1. Rollout\n",
+    "        # 2. Score\n",
+    "        # 3. Log-probs\n",
+    "        # 4. KL-shaped rewards\n",
+    "        # 5. Advantages\n",
+    "        # 6. Update\n",
+    "        # 7. Log\n",
+    '\nif __name__ == "__main__":\n    main(tyro.cli(Args))\n',
 ]
 
 
@@ -65,5 +81,29 @@ def test_no_algorithm_leftovers():
     for text in (rloo, remax):
         assert "loss/value" not in text and "vf_coef" not in text and "value_model" not in text
     assert "policy/clipfrac" not in remax and "cliprange" not in remax  # ReMax clips nothing
-    assert "rloo_k" not in remax and "rloo_k" not in ppo
+    assert "num_generations" not in remax and "num_generations" not in ppo
     assert "baseline_scores" not in rloo and "baseline_scores" not in ppo
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_files_and_main_stay_short(name):
+    import ast
+
+    tree = ast.parse(_read(name))
+    main = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main")
+    max_file, max_main = MAX_LINES[name]
+    assert len(_read(name).splitlines()) <= max_file
+    assert main.end_lineno - main.lineno + 1 <= max_main
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_help_shows_the_algorithm_on_the_first_screen(name):
+    """--help lists model, data and generation first, then the algorithm's own knobs, within 50 lines."""
+    import sys
+
+    out = subprocess.run([sys.executable, name, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120).stdout
+    lines = out.splitlines()
+    first = next(i for i, line in enumerate(lines) if "--kl-coef" in line)
+    assert first < 50, f"--kl-coef is on line {first} of --help"
+    run_flags = next(i for i, line in enumerate(lines) if "--output-dir" in line)
+    assert run_flags > first  # run management comes after the algorithm
