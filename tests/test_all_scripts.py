@@ -6,7 +6,7 @@ import pytest
 
 from conftest import tiny_args
 
-SCRIPTS = ["rloo", "remax", "ppo"]
+SCRIPTS = ["rloo", "remax", "ppo", "grpo"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

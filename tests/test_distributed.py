@@ -100,7 +100,7 @@ def _weights(path):
     return AutoModelForCausalLM.from_pretrained(path).state_dict()
 
 
-@pytest.mark.parametrize("name", ["rloo", "remax", "ppo"])
+@pytest.mark.parametrize("name", ["rloo", "remax", "ppo", "grpo"])
 def test_two_processes_match_one(tmp_path, name, llama_dir, prompts_jsonl):
     one_dir, one = _run(tmp_path, name, llama_dir, prompts_jsonl, 1)
     two_dir, two = _run(tmp_path, name, llama_dir, prompts_jsonl, 2)

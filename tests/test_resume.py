@@ -41,7 +41,7 @@ def _interrupt_after(module, monkeypatch, update):
     monkeypatch.setattr(common.run, "log_metrics", log_then_interrupt)
 
 
-@pytest.mark.parametrize("name", ["rloo", "remax", "ppo"])
+@pytest.mark.parametrize("name", ["rloo", "remax", "ppo", "grpo"])
 def test_resume_is_bit_exact(tmp_path, monkeypatch, name, llama_dir, prompts_jsonl):
     module = importlib.import_module(name)
     common = dict(model=llama_dir, dataset=prompts_jsonl, reward_fn="common.toy:sort_reward", total_episodes=64,
@@ -78,7 +78,7 @@ def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch
             raise OSError("disk full")
         return real_save_state(self, output_dir, **kw)
 
-    with monkeypatch.context() as patch, pytest.raises(RuntimeError, match="checkpoint update 3 failed .*disk full.*update-00000002\) is intact"):
+    with monkeypatch.context() as patch, pytest.raises(RuntimeError, match=r"checkpoint update 3 failed .*disk full.*update-00000002\) is intact"):
         patch.setattr(Accelerator, "save_state", save_state_then_die)
         rloo.main(tiny_args(rloo, tmp_path, **args))
     checkpoints = sorted(os.listdir(tmp_path / "out" / "checkpoints"))
