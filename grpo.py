@@ -31,13 +31,12 @@ import tyro
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
-from transformers import get_scheduler
 
 from common.data import columns_for_reward, load_prompts, make_collator, repeat_forever
 from common.models import enable_gradient_checkpointing, load_frozen, load_policy, load_reward_model
 from common.models import load_tokenizer, prepare_frozen
 from common.ops import INVALID_LOGPROB, entropy_from_logits, global_means, global_var, masked_sum
-from common.ops import exact_div, response_logits, selective_log_softmax
+from common.ops import exact_div, lr_scheduler, response_logits, selective_log_softmax
 from common.rollout import check_reward, generate, generation_config, needs_synced_generation, score_responses
 from common.rollout import truncate_at_eos, unwrap_for_generation
 from common.run import Run
@@ -106,7 +105,7 @@ class Args:
     total_episodes: int = 38400
     """responses to sample in the whole run; num_updates = total_episodes // batch_size"""
     bf16: bool = False
-    """bf16 autocast for policy and reference (fp32 weights, so the first KL is exactly 0); a bf16 reward model"""
+    """bf16 for policy and reference, the same numerics for both (the first KL is exactly 0); a bf16 reward model"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, ~30% more time (off while generating)"""
 
@@ -131,6 +130,18 @@ class Args:
     """the wandb project, with --track"""
     print_samples_every: int = 10
     """print a table of (prompt, completion, score) every N updates and at the end (0: only at the end)"""
+    eval_every: int = 0
+    """evaluate on held-out prompts before training, every N updates and at the end (0: never, nothing held out)"""
+    eval_dataset: str | None = None
+    """evaluation prompts, in --dataset's formats (default: --eval-split of --dataset, else --eval-fraction of it)"""
+    eval_split: str | None = None
+    """the split of --eval-dataset (default: --dataset-split), or of --dataset to evaluate on instead of holding out"""
+    eval_fraction: float = 0.05
+    """held out of --dataset and never trained on when no --eval-dataset or --eval-split (the toy task has its own)"""
+    eval_samples: int = 0
+    """K responses per held-out prompt sampled at --temperature, besides the greedy one (eval/sampled_*)"""
+    eval_max_prompts: int = 512
+    """evaluate on at most this many prompts (0: all)"""
     save_every: int = 0
     """write a resumable checkpoint to <output dir>/checkpoints every N updates (0: only on SIGINT/SIGTERM)"""
     keep_last: int = 2
@@ -214,7 +225,7 @@ def main(args: Args) -> dict:
     args.local_mini_batch_size = args.local_micro_batch_size * args.gradient_accumulation_steps
     args.local_batch_size = args.local_mini_batch_size * args.num_minibatches
     args.batch_size = args.local_batch_size * args.world_size
-    args.num_updates = args.total_episodes // args.batch_size
+    args.num_updates = args.total_episodes // max(args.batch_size, 1)  # check_args rejects sizes < 1
     if args.num_generations < 2:
         raise ValueError(f"--num-generations {args.num_generations}: a group's mean and std need 2 or more")
     K = args.num_generations
@@ -222,6 +233,7 @@ def main(args: Args) -> dict:
     run = Run(args, accelerator, __file__)  # checks, output dir, resume lookup; the toy task if no --model
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     dataset = load_prompts(args, tokenizer, local_num_prompts * args.world_size, accelerator.print)
+    dataset = run.hold_out_eval_prompts(dataset, tokenizer)  # with --eval-every: prompts never trained on
     reward = check_reward(args, tokenizer, dataset)  # a rule, or the reward model's head and tokenizer
 
     set_seed(args.seed)  # same initial weights and data order on every process
@@ -233,7 +245,7 @@ def main(args: Args) -> dict:
         enable_gradient_checkpointing(policy)
     # fused: 3.7x faster steps at 160M parameters on CPU
     optimizer = torch.optim.AdamW(policy.parameters(), args.learning_rate, weight_decay=args.weight_decay, fused=True)
-    scheduler = get_scheduler(args.lr_schedule, optimizer, args.warmup_updates, args.num_updates)
+    scheduler = lr_scheduler(args.lr_schedule, optimizer, args.warmup_updates, args.num_updates)
     generator = torch.Generator().manual_seed(args.seed)  # starting an epoch must not draw from the sampling RNG
     collate = make_collator(tokenizer)  # left-pads the prompts
     dataloader = DataLoader(
@@ -247,6 +259,7 @@ def main(args: Args) -> dict:
     set_seed(args.seed + accelerator.process_index * 100003)  # different samples on every process
     accelerator.register_for_checkpointing(scheduler)
     start_update = run.resume()  # weights, optimizer, scheduler and every process's RNG states
+    run.start_evaluation(tokenizer, reward, ref_policy)  # with --eval-every: the starting policy's held-out scores
     gen_config = generation_config(tokenizer, args.max_new_tokens, args.temperature)
     synced = needs_synced_generation(accelerator)  # sharded weights: every process steps until all are done
     batches = repeat_forever(dataloader, skip=start_update)
@@ -264,6 +277,7 @@ def main(args: Args) -> dict:
         query_responses = torch.cat([queries, responses], dim=1)  # (B, P+T)
         attention_mask = torch.cat([query_mask, response_mask], dim=1)  # (B, P+T)
         T = responses.shape[1]
+        run.tick("rollout", tokens=response_mask)  # time/rollout: seconds since the update began; likewise below
 
         # 2. Score
         prompts = [p for p in batch["prompt_text"] for _ in range(K)]
@@ -273,6 +287,7 @@ def main(args: Args) -> dict:
         )
         if args.missing_eos_penalty is not None:
             scores = torch.where(has_eos, scores, args.missing_eos_penalty)
+        run.tick("score")
 
         # 3. Log-probs
         # Recomputed with the same forward as the update (not taken from generate), so the
@@ -291,6 +306,7 @@ def main(args: Args) -> dict:
         logprobs = torch.cat(logprobs).masked_fill(~response_mask, INVALID_LOGPROB)  # (B, T)
         ref_logprobs = torch.cat(ref_logprobs).masked_fill(~response_mask, INVALID_LOGPROB)  # (B, T)
         entropy = torch.cat(entropy)  # (B, T)
+        run.tick("logprobs")
 
         # 4. KL-shaped rewards
         # None: the rewards are the raw scores, the KL is a per-token term of the loss (step 6); kl is only logged.
@@ -344,6 +360,7 @@ def main(args: Args) -> dict:
             del logits
         lr = scheduler.get_last_lr()[0]  # the rate this update used
         scheduler.step()
+        run.tick("update", tokens=attention_mask)
 
         # 7. Log
         ratio = torch.cat(stats["ratio"])
@@ -366,7 +383,7 @@ def main(args: Args) -> dict:
         metrics["val/ratio_var"] = global_var(accelerator, ratio)
         metrics["val/num_eos_tokens"] = accelerator.gather(has_eos.float()).sum().item()
         metrics["lr"] = lr
-        run.log(update, metrics, samples=(prompts[::K], completions[::K], scores[::K]))
+        run.log(update, metrics, samples=(prompts[::K], completions[::K], scores[::K]), policy=policy)
         run.end_update(update)  # a checkpoint every --save-every updates; stop here after Ctrl-C / SIGTERM
 
     # Save: the full state dict is gathered on the main process, whatever the engine.

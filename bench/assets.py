@@ -129,7 +129,12 @@ def toy_assets(workdir: str) -> dict:
         fit_reward_model(policy, rm)
     with open(os.path.join(rm, "fit.json")) as f:
         fit = json.load(f)
-    return {"policy": policy, "reward_model": rm, "prompts": write_prompts(os.path.join(workdir, "toy_prompts.jsonl")), "reward_model_fit": fit}
+    return {
+        "policy": policy,
+        "reward_model": rm,
+        "prompts": write_prompts(os.path.join(workdir, "toy_prompts.jsonl")),
+        "reward_model_fit": fit,
+    }
 
 
 # ---- big: random-weight models of >= 100M parameters ----
@@ -162,9 +167,17 @@ def big_assets(workdir: str, hidden: int, layers: int, vocab: int, intermediate:
         torch.manual_seed(0)
         tokenizer = make_big_tokenizer(vocab)
         config = LlamaConfig(
-            vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-            num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, max_position_embeddings=256,
-            pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=False,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=hidden // 64,
+            num_key_value_heads=hidden // 64,
+            max_position_embeddings=256,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=None,
+            tie_word_embeddings=False,
         )
         model = LlamaForCausalLM(config)
         model.save_pretrained(policy)
@@ -185,8 +198,12 @@ def big_assets(workdir: str, hidden: int, layers: int, vocab: int, intermediate:
         config.num_labels = 1
         n_rm = sum(p.numel() for p in AutoModelForSequenceClassification.from_config(config).parameters())
     return {
-        "policy": policy, "reward_model": rm, "prompts": write_prompts(os.path.join(workdir, "toy_prompts.jsonl")),
-        "key": key, "policy_params": n_policy, "reward_model_params": n_rm,
+        "policy": policy,
+        "reward_model": rm,
+        "prompts": write_prompts(os.path.join(workdir, "toy_prompts.jsonl")),
+        "key": key,
+        "policy_params": n_policy,
+        "reward_model_params": n_rm,
     }
 
 

@@ -24,9 +24,15 @@ def bench_env(threads: int) -> dict:
     (threads spin at barriers while the other is descheduled), so one is the default."""
     env = dict(os.environ)
     env.update(
-        OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
-        TRL_EXPERIMENTAL_SILENCE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-        PYTHONWARNINGS="ignore", TQDM_DISABLE="1",
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        TOKENIZERS_PARALLELISM="false",
+        TRL_EXPERIMENTAL_SILENCE="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        PYTHONWARNINGS="ignore",
+        TQDM_DISABLE="1",
     )
     return env
 
@@ -71,9 +77,15 @@ def python_versions(python: str) -> dict:
 def code_version() -> str:
     """The commit the scripts were measured at, and whether they had uncommitted changes."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "rloo.py", "remax.py", "ppo.py", "common"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "rloo.py", "remax.py", "ppo.py", "common"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
     except OSError:
         return "unknown"
     return commit + (" with uncommitted changes to the scripts" if dirty else "")
@@ -82,8 +94,11 @@ def code_version() -> str:
 def machine() -> dict:
     load = os.getloadavg()
     return {
-        "cpu_cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-        "loadavg_at_start": [round(x, 2) for x in load], "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "cpu_cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "loadavg_at_start": [round(x, 2) for x in load],
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "code": code_version(),
     }
 

@@ -41,10 +41,24 @@ def common_kwargs(a) -> dict:
     """TrainingArguments fields shared by both trainers: fp32 on CPU, no checkpointing, no eval,
     no saving, no reporting, a log line per update."""
     return dict(
-        output_dir=a.output_dir, seed=a.seed, learning_rate=a.learning_rate, lr_scheduler_type="linear",
-        warmup_steps=0, weight_decay=0.0, per_device_train_batch_size=a.batch_size, gradient_accumulation_steps=1,
-        bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True, report_to="none", save_strategy="no",
-        eval_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=a.output_dir,
+        seed=a.seed,
+        learning_rate=a.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        per_device_train_batch_size=a.batch_size,
+        gradient_accumulation_steps=1,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
 
 
@@ -56,14 +70,26 @@ def run_rloo(a, tokenizer, prompts, recorder):
         max_steps=a.updates,
         num_generations=a.k,  # TRL's k; per_device_train_batch_size counts completions, as our batch does
         max_completion_length=a.max_new_tokens,
-        temperature=a.temperature, top_p=1.0, top_k=0,
-        beta=a.kl_coef, epsilon=0.2, num_iterations=1, max_grad_norm=a.max_grad_norm,
-        normalize_advantages=False, disable_dropout=True, model_init_kwargs={"dtype": torch.float32},
+        temperature=a.temperature,
+        top_p=1.0,
+        top_k=0,
+        beta=a.kl_coef,
+        epsilon=0.2,
+        num_iterations=1,
+        max_grad_norm=a.max_grad_norm,
+        normalize_advantages=False,
+        disable_dropout=True,
+        model_init_kwargs={"dtype": torch.float32},
         log_completions=False,
     )
     trainer = RLOOTrainer(
-        model=a.model, reward_funcs=a.reward_model, args=config, train_dataset=Dataset.from_dict({"prompt": prompts}),
-        processing_class=tokenizer, reward_processing_classes=tokenizer, callbacks=[recorder],
+        model=a.model,
+        reward_funcs=a.reward_model,
+        args=config,
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=tokenizer,
+        reward_processing_classes=tokenizer,
+        callbacks=[recorder],
     )
     return trainer
 
@@ -74,10 +100,23 @@ def run_ppo(a, tokenizer, prompts, recorder):
     config = PPOConfig(
         **common_kwargs(a),
         total_episodes=a.updates * a.batch_size,
-        num_mini_batches=1, num_epochs=a.num_epochs, local_rollout_forward_batch_size=a.batch_size,
-        response_length=a.max_new_tokens, stop_token="eos", temperature=a.temperature,
-        kl_coef=a.kl_coef, kl_estimator="k1", cliprange=0.2, vf_coef=0.1, cliprange_value=0.2, gamma=1.0, lam=0.95,
-        whiten_rewards=False, num_sample_generations=0, sft_model_path=a.model, reward_model_path=a.reward_model,
+        num_mini_batches=1,
+        num_epochs=a.num_epochs,
+        local_rollout_forward_batch_size=a.batch_size,
+        response_length=a.max_new_tokens,
+        stop_token="eos",
+        temperature=a.temperature,
+        kl_coef=a.kl_coef,
+        kl_estimator="k1",
+        cliprange=0.2,
+        vf_coef=0.1,
+        cliprange_value=0.2,
+        gamma=1.0,
+        lam=0.95,
+        whiten_rewards=False,
+        num_sample_generations=0,
+        sft_model_path=a.model,
+        reward_model_path=a.reward_model,
     )
     load = dict(dtype=torch.float32)
     policy = AutoModelForCausalLM.from_pretrained(a.model, **load)
@@ -87,8 +126,15 @@ def run_ppo(a, tokenizer, prompts, recorder):
     ids = tokenizer(prompts)["input_ids"]
     train = Dataset.from_dict({"input_ids": ids})
     trainer = PPOTrainer(
-        args=config, processing_class=tokenizer, model=policy, ref_model=ref_policy, reward_model=reward_model,
-        value_model=value_model, train_dataset=train, eval_dataset=train.select(range(a.batch_size)), callbacks=[recorder],
+        args=config,
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=ref_policy,
+        reward_model=reward_model,
+        value_model=value_model,
+        train_dataset=train,
+        eval_dataset=train.select(range(a.batch_size)),
+        callbacks=[recorder],
     )
     return trainer
 
@@ -130,9 +176,16 @@ def main():
         end = recorder.step_end[i] if i < len(recorder.step_end) else entry["time"]
         updates.append({"update": i + 1, "time": end - t_train, "score": entry[reward_key], "kl": entry.get(kl_key)})
     record = {
-        "impl": "trl", "algo": a.algo, "trl_version": trl.__version__, "torch_version": torch.__version__,
-        "threads": torch.get_num_threads(), "updates": updates, "batch_size": a.batch_size,
-        "setup_s": t_train - T_START, "train_s": t_end - t_train, "process_s": time.perf_counter() - T_START,
+        "impl": "trl",
+        "algo": a.algo,
+        "trl_version": trl.__version__,
+        "torch_version": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "updates": updates,
+        "batch_size": a.batch_size,
+        "setup_s": t_train - T_START,
+        "train_s": t_end - t_train,
+        "process_s": time.perf_counter() - T_START,
         "kl_note": "per-token mean (TRL RLOO)" if a.algo == "rloo" else "per-sequence sum",
     }
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

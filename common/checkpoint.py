@@ -11,6 +11,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shlex
@@ -18,6 +19,10 @@ import shutil
 import signal
 
 import torch
+
+# save_state drops the tied copy of tied weights and says "Removed shared tensor ... while saving"
+# at every checkpoint; loading ties them again, so for these models the message is noise.
+logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
 MODEL_SHAPE_KEYS = (
     "model_type",
@@ -58,7 +63,8 @@ def lock_output_dir(output_dir: str, accelerator):
     refused = accelerator.reduce(torch.tensor(float(holder is not None), device=accelerator.device)).item() > 0
     if refused:
         raise RuntimeError(
-            f"--output-dir {output_dir} is in use by another run (PID {holder}); wait for it or choose another directory"
+            f"--output-dir {output_dir} is in use by another run (PID {holder}); "
+            "wait for it or choose another directory"
         )
     return handle
 
@@ -90,11 +96,13 @@ def check_new_run(output_dir: str, overwrite: bool) -> None:
         return
     if os.path.exists(os.path.join(output_dir, "finished.json")):
         raise FileExistsError(
-            f"--output-dir {output_dir} holds a finished run; pass --overwrite to replace it, or choose another directory"
+            f"--output-dir {output_dir} holds a finished run; "
+            "pass --overwrite to replace it, or choose another directory"
         )
     if list_checkpoints(output_dir):
         raise FileExistsError(
-            f"--output-dir {output_dir} holds checkpoints of an unfinished run; pass --resume-from latest to continue it, "
+            f"--output-dir {output_dir} holds checkpoints of an unfinished run; "
+            "pass --resume-from latest to continue it, "
             "or --overwrite to start again"
         )
 
@@ -119,7 +127,8 @@ def find_checkpoint(args, algorithm: str) -> tuple:
         found = list_checkpoints(args.output_dir)
         if not found:
             raise FileNotFoundError(
-                f"--resume-from latest: no checkpoint in {checkpoint_dir(args.output_dir)} (pass the --output-dir of the run)"
+                f"--resume-from latest: no checkpoint in {checkpoint_dir(args.output_dir)} "
+                "(pass the --output-dir of the run)"
             )
         path = found[-1]
     state_file = os.path.join(path, "state.json")
@@ -135,13 +144,15 @@ def find_checkpoint(args, algorithm: str) -> tuple:
     now = run_shape(args)
     if state.get("model_shape") != now["model_shape"]:
         raise ValueError(
-            f"--resume-from {path} holds a model of shape {state.get('model_shape')}, but --model has {now['model_shape']}"
+            f"--resume-from {path} holds a model of shape {state.get('model_shape')}, "
+            f"but --model has {now['model_shape']}"
         )
     changed = [f"{k} {state[k]} -> {now[k]}" for k in BATCH_KEYS if k in state and state[k] != now[k]]
     if changed:
         raise ValueError(
             f"--resume-from {path} was written by a run with another batch layout ({', '.join(changed)}); resume with "
-            f"the same number of processes ({state['world_size']}) and the same batch-size flags, or the data order and "
+            f"the same number of processes ({state['world_size']}) and the same batch-size flags, "
+            "or the data order and "
             "episode count would silently differ"
         )
     return path, state

@@ -4,13 +4,16 @@ flag and says what to change. A script keeps only its own algorithm's checks (K 
 import importlib.util
 import os
 
+from common.models import check_model_source
+
 
 def check_args(args, accelerator) -> None:
     """Batch sizes (the script has filled in world_size, batch_size and num_updates), generation,
     optimisation, the reward/model/dataset combination, and the output directory."""
     if int(os.environ.get("WORLD_SIZE", 1)) != args.world_size:  # each process would train alone
         raise RuntimeError(
-            f"launched as {os.environ['WORLD_SIZE']} processes but Accelerate sees {args.world_size}; on CPU set ACCELERATE_USE_CPU=1"
+            f"launched as {os.environ['WORLD_SIZE']} processes but Accelerate sees {args.world_size}; "
+            "on CPU (without DeepSpeed, which ACCELERATE_USE_CPU turns off) set ACCELERATE_USE_CPU=1"
         )
     positive = [
         "local_micro_batch_size",
@@ -54,6 +57,9 @@ def check_args(args, accelerator) -> None:
         raise ValueError("give a reward: --reward-model <path or hub id> or --reward-fn module:function")
     if args.model is not None and args.dataset is None:
         raise ValueError("give the prompts: --dataset <hub id, directory or file>")
+    for name in ("model", "reward_model", "value_model"):  # a typo in a path fails before the output dir is made
+        if getattr(args, name, None) is not None:
+            check_model_source(getattr(args, name), f"--{name.replace('_', '-')}")
     if args.resume_from not in (None, "latest") and args.output_dir is None:  # <output dir>/checkpoints/update-n
         args.output_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.resume_from)))
     if args.resume_from == "latest" and args.output_dir is None:

@@ -1,10 +1,20 @@
 """Prompt datasets: load (hub id, directory or file), render, tokenize, drop or truncate long prompts."""
 
-import os
+from __future__ import annotations
 
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+import json
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # `datasets` is imported where it is used: a script's --help must not wait for it
+    from datasets import Dataset
+
+from common.models import load_config
 
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+SUPPORTED = (
+    "a .json, .jsonl, .parquet or .csv file, a directory (saved with save_to_disk, or of data files) or a hub id"
+)
 
 
 def load_data_file(name: str, path: str, file_type: str) -> Dataset:
@@ -14,6 +24,8 @@ def load_data_file(name: str, path: str, file_type: str) -> Dataset:
         raise FileNotFoundError(f"--dataset {name!r}: no such file")
     if os.path.getsize(path) == 0:
         raise ValueError(f"--dataset {name!r} is empty")
+    from datasets import load_dataset
+
     try:
         return load_dataset(file_type, data_files=path, split="train")
     except Exception as e:  # no rows, malformed file
@@ -22,20 +34,49 @@ def load_data_file(name: str, path: str, file_type: str) -> Dataset:
         ) from e
 
 
+def load_saved_dataset(name: str, path: str, split: str) -> Dataset:
+    """A directory written by save_to_disk: a Dataset, or one split of a DatasetDict (read alone, so
+    the other splits cost nothing). An empty dataset is saved without data files, on which
+    load_from_disk fails with an IndexError."""
+    splits_file = os.path.join(path, "dataset_dict.json")
+    if os.path.exists(splits_file):
+        with open(splits_file) as f:
+            splits = json.load(f)["splits"]
+        if split not in splits:
+            raise ValueError(f"--dataset-split {split!r}: --dataset {name!r} has the splits {splits}")
+        path = os.path.join(path, split)
+    from datasets import load_from_disk
+
+    try:
+        return load_from_disk(path)
+    except IndexError as e:
+        raise ValueError(f"--dataset {name!r} (split {split!r}) is empty") from e
+
+
 def load_prompt_dataset(name: str, split: str) -> Dataset:
     """A hub id, a directory (saved with save_to_disk, or data files), or a .json/.jsonl/.parquet/.csv file."""
+    from datasets import load_dataset
+
     path = os.path.expanduser(name)
     ext = os.path.splitext(path)[1].lower()
     if ext in FILE_TYPES:
+        if split != "train":  # load_dataset would name it "train" whatever we ask for
+            raise ValueError(
+                f"--dataset-split {split!r}: --dataset {name!r} is a single file, with only the split 'train'"
+            )
         dataset = load_data_file(name, path, FILE_TYPES[ext])
+    elif os.path.isfile(path):
+        raise ValueError(f"--dataset {name!r}: unsupported format; give {SUPPORTED}")
     elif os.path.isdir(path):
         if os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(
             os.path.join(path, "dataset_dict.json")
         ):
-            dataset = load_from_disk(path)
-            dataset = dataset[split] if isinstance(dataset, DatasetDict) else dataset
+            dataset = load_saved_dataset(name, path, split)
         else:
-            dataset = load_dataset(path, split=split)
+            try:
+                dataset = load_dataset(path, split=split)
+            except Exception as e:  # unknown split, unreadable files
+                raise ValueError(f"--dataset {name!r} (--dataset-split {split!r}) could not be loaded: {e}") from e
     elif name.startswith(("/", "./", "../", "~")):
         raise FileNotFoundError(f"--dataset {name!r}: no such file or directory")
     else:
@@ -55,13 +96,20 @@ def render_prompts(dataset: Dataset, column: str, tokenizer) -> list:
         raise ValueError(
             f"the dataset has no column {column!r}; its columns are {dataset.column_names}: set --prompt-column"
         )
-    first = dataset[0][column]
+    values = list(dataset[column])
+    nulls = [i for i, value in enumerate(values) if value is None]
+    if nulls:
+        raise ValueError(
+            f"--prompt-column {column!r}: row {nulls[0]} (counting from 0) is null, {len(nulls)} rows in all; "
+            "drop or fill them"
+        )
+    first = values[0]
     if isinstance(first, str):
-        return list(dataset[column])
+        return values
     if isinstance(first, list) and first and isinstance(first[0], dict) and "content" in first[0]:
         if tokenizer.chat_template is None:
             raise ValueError(f"column {column!r} holds chat messages but the tokenizer has no chat template")
-        return [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in dataset[column]]
+        return [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in values]
     raise ValueError(
         f"column {column!r} must hold strings or lists of {{'role', 'content'}} messages, got {type(first).__name__}"
     )
@@ -127,7 +175,22 @@ def load_prompts(args, tokenizer, min_prompts: int, print_fn=print) -> Dataset:
     )
     if len(dataset) < min_prompts:
         raise ValueError(f"{len(dataset)} prompts are fewer than the {min_prompts} one update needs")
+    check_positions(args, dataset)
     return dataset
+
+
+def check_positions(args, dataset: Dataset) -> None:
+    """The longest prompt plus --max-new-tokens must fit in --model's positions (max_position_embeddings,
+    GPT-2's n_positions): past them an absolute-position model fails inside generate() with an IndexError."""
+    config = load_config(args.model, "--model", args.trust_remote_code)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    longest = max(len(ids) for ids in dataset["input_ids"])
+    if limit is not None and longest + args.max_new_tokens > limit:
+        raise ValueError(
+            f"--max-new-tokens {args.max_new_tokens} + the longest prompt ({longest} tokens) exceed the {limit} "
+            f"positions of --model {args.model!r}: lower --max-new-tokens or --max-prompt-length"
+        )
 
 
 def columns_for_reward(batch: dict, repeats: int) -> dict:

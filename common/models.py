@@ -1,40 +1,81 @@
 """Loading the tokenizer and the models (policy, frozen reference, reward, value) with dropout off."""
 
 import copy
+import json
 import os
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PreTrainedModel,
-)
+import transformers  # a lazy module: its model classes load on first use, so `--help` stays fast
+from transformers.utils import logging as hf_logging
 
 from common.ops import position_ids_from_mask, response_logits
 
+hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars: noise next to our own progress
+
 
 def check_model_source(name: str, flag: str) -> None:
-    """Fail early and readably when a local path does not exist (instead of a hub stack trace)."""
-    looks_local = name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
-    if looks_local and not os.path.exists(os.path.expanduser(name)):
-        raise FileNotFoundError(f"{flag} {name!r}: no such directory")
+    """Fail early and readably when a local path does not exist (instead of a hub stack trace, or a
+    minute of retries when the hub is unreachable). A name is local when it looks like a path, or
+    when its first folder exists here: 'models/typo' beside a models/ folder is no hub id."""
+    first = name.split("/")[0]
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
+        reason = ""
+    elif "/" in name and os.path.isdir(first):
+        reason = f" (./{first} exists, so this is a local path, not a hub id)"
+    else:
+        return
+    if not os.path.exists(os.path.expanduser(name)):
+        raise FileNotFoundError(f"{flag} {name!r}: no such directory{reason}")
+
+
+def adapter_base(name: str) -> str | None:
+    """The base model named in a local LoRA adapter directory's adapter_config.json (an SFT adapter
+    given as --model), or None when `name` is not one."""
+    path = os.path.join(os.path.expanduser(name), "adapter_config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        base = json.load(f).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{name!r} is a LoRA adapter whose adapter_config.json names no base_model_name_or_path")
+    return base
 
 
 def load_config(name: str, flag: str, trust_remote_code: bool = False):
-    """AutoConfig of a local directory or hub id, with an error that names the flag."""
+    """AutoConfig of a local directory or hub id, with an error that names the flag. A LoRA adapter as
+    --model has its base model's config (the shapes of the merged model); elsewhere it is refused."""
     check_model_source(name, flag)
+    base = adapter_base(name)
+    if base is not None and flag != "--model":
+        raise ValueError(
+            f"{flag} {name!r} is a LoRA adapter: merge it into its base model first (peft's "
+            "AutoPeftModelForSequenceClassification.from_pretrained(...).merge_and_unload().save_pretrained(dir))"
+        )
+    if base is not None:
+        return load_config(base, f"{flag} {name!r} is a LoRA adapter; its base model", trust_remote_code)
+    path = os.path.expanduser(name)
+    if os.path.exists(path) and not os.path.isfile(os.path.join(path, "config.json")):  # local wins over the hub
+        raise FileNotFoundError(f"{flag} {name!r} is not a model directory (no config.json)")
     try:
-        return AutoConfig.from_pretrained(os.path.expanduser(name), trust_remote_code=trust_remote_code)
+        return transformers.AutoConfig.from_pretrained(os.path.expanduser(name), trust_remote_code=trust_remote_code)
     except Exception as e:  # offline hub, typo in the id, missing config.json
         raise OSError(f"{flag} {name!r} could not be loaded: {e}") from e
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
-    """Tokenizer with left padding (prompts are left-padded) and a pad token (EOS if it has none)."""
+    """Tokenizer with left padding (prompts are left-padded) and a pad token (EOS if it has none).
+    When it cannot be loaded, the model's config is read for an error that names --model."""
     check_model_source(name, "--model")
-    tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name), trust_remote_code=trust_remote_code)
+    path = os.path.expanduser(name)
+    if adapter_base(name) is not None and not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+        path = os.path.expanduser(adapter_base(name))  # an adapter saved without a tokenizer: its base model's
+    try:  # padding_side as a load argument: the saved tokenizer keeps it
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            path, padding_side="left", trust_remote_code=trust_remote_code
+        )
+    except Exception as e:  # an empty folder says "install sentencepiece": say what is wrong with --model
+        load_config(name, "--model", trust_remote_code)
+        raise OSError(f"--model {name!r}: its tokenizer could not be loaded: {e}") from e
     if tokenizer.eos_token_id is None:
         raise ValueError(f"the tokenizer of {name!r} has no EOS token: responses could never end; set one")
     if tokenizer.pad_token_id is None:
@@ -47,7 +88,9 @@ def load_reward_tokenizer(name: str, policy_tokenizer, trust_remote_code: bool =
     """The reward model's own tokenizer when its vocabulary differs from the policy's (the reward
     model then reads re-tokenised text), else None: the policy's token ids are used as they are."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name), trust_remote_code=trust_remote_code)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            os.path.expanduser(name), trust_remote_code=trust_remote_code
+        )
     except (OSError, ValueError):  # no tokenizer files beside the reward model: it shares the policy's
         return None
     if tokenizer.get_vocab() == policy_tokenizer.get_vocab():
@@ -72,12 +115,27 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def load_policy(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """A causal LM with dropout off."""
-    load_config(name, "--model", trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        os.path.expanduser(name), dtype=dtype, trust_remote_code=trust_remote_code
+def load_pretrained(auto_class, name: str, dtype: torch.dtype, trust_remote_code: bool = False, **kwargs):
+    """auto_class.from_pretrained(name); for a LoRA adapter directory, its base model with the adapter
+    merged in (W + alpha/r B A): "--model" then means the SFT model everywhere, and the reference of
+    --lora-r (the policy with its own adapters off) is that model, not the base."""
+    base = adapter_base(name)
+    if base is None:
+        return auto_class.from_pretrained(
+            os.path.expanduser(name), dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
+        )
+    from common.lora import merge_adapter
+
+    model = auto_class.from_pretrained(
+        os.path.expanduser(base), dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
     )
+    return merge_adapter(model, os.path.expanduser(name))
+
+
+def load_policy(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """A causal LM with dropout off (a LoRA adapter directory: merged into its base model)."""
+    load_config(name, "--model", trust_remote_code)
+    model = load_pretrained(transformers.AutoModelForCausalLM, name, dtype, trust_remote_code)
     return disable_dropout(model)
 
 
@@ -86,7 +144,7 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     wrapper holds two). Transformers only checkpoints in train mode; with dropout off, train mode
     changes nothing else (generate() switches to eval for its KV cache)."""
     for module in model.modules():
-        if isinstance(module, PreTrainedModel) and module.supports_gradient_checkpointing:
+        if isinstance(module, transformers.PreTrainedModel) and module.supports_gradient_checkpointing:
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
 
@@ -98,17 +156,22 @@ def load_frozen(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def prepare_frozen(model: torch.nn.Module, accelerator):
-    """Place a frozen model: a full copy on every device, except under DeepSpeed ZeRO-3, where it
-    becomes a sharded ZeRO-3 inference engine built from the training config (call after prepare(),
-    which fills that config in). Under FSDP the frozen models stay replicated."""
+    """Place a frozen model: a full copy on every device, except under DeepSpeed, where it becomes an
+    inference engine built from the training config (call after prepare(), which fills that config in):
+    DeepSpeed casts weights to bf16 rather than autocasting, so the engine gives the frozen models the
+    policy's numerics (first KL 0), and under ZeRO-3 shards them. Under FSDP they stay replicated."""
+    if getattr(model, "shares_trained_weights", False):  # LoRA's reference: the policy, placed by prepare()
+        return model
     plugin = accelerator.state.deepspeed_plugin
-    if plugin is None or plugin.zero_stage != 3:
+    if plugin is None:
         return model.to(accelerator.device)
     import deepspeed
 
     config = copy.deepcopy(plugin.deepspeed_config)
     config.pop("optimizer", None)
     config.pop("scheduler", None)
+    if plugin.zero_stage != 3:
+        config["zero_optimization"] = {"stage": 0}  # ZeRO-1/2 shard only training state: a full copy
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()  # DeepSpeedEngine.eval() returns None, unlike nn.Module.eval()
     return engine
@@ -128,11 +191,12 @@ def load_scalar_model(
     name: str, flag: str, trust_remote_code: bool = False, new_head: bool = False, dtype: torch.dtype = torch.float32
 ):
     """AutoModelForSequenceClassification with one output, dropout off: a reward or value model.
-    new_head: `name` is a causal LM; keep its backbone and start a fresh scalar head."""
+    new_head: `name` is a causal LM (or a LoRA adapter of one, merged); keep its backbone and start a
+    fresh scalar head."""
     if not new_head:
         check_scalar_head(name, flag, trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        os.path.expanduser(name), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code
+    model = load_pretrained(
+        transformers.AutoModelForSequenceClassification, name, dtype, trust_remote_code, num_labels=1
     )
     if not isinstance(getattr(model, "score", None), torch.nn.Linear) or model.score.out_features != 1:
         raise ValueError(f"{flag} {name!r}: expected a linear `score` head with one output")
@@ -166,8 +230,20 @@ class PolicyAndValue(torch.nn.Module):
 def load_value_model(args):
     """PPO's trained value model: --value-model, else the reward model, else the policy's backbone with a
     fresh scalar head. fp32 weights, like the policy."""
+    from accelerate import PartialState
+    from transformers.utils import logging as hf_logging
+
     source = args.value_model or args.reward_model
-    return load_scalar_model(source or args.model, "--value-model", args.trust_remote_code, new_head=not source)
+    if source:
+        return load_scalar_model(source, "--value-model", args.trust_remote_code)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its "newly initialized: score.weight" report is expected here
+    try:
+        model = load_scalar_model(args.model, "--value-model", args.trust_remote_code, new_head=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    PartialState().print("value model: the policy's backbone with a new scalar head (random, trained from zero)")
+    return model
 
 
 def scalar_head_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,8 @@
 Shapes: B rows, L = P + T tokens, T response tokens, V vocabulary.
 """
 
+import math
+
 import torch
 
 INVALID_LOGPROB = 1.0  # written on padded response slots; every sum over them is masked anyway
@@ -131,3 +133,21 @@ def global_var(accelerator, x: torch.Tensor) -> float:
     """Variance over all processes (population variance, float64)."""
     mean = global_means(accelerator, {"x": x})["x"]
     return global_means(accelerator, {"x": (x.double() - mean) ** 2})["x"]
+
+
+def lr_scheduler(name: str, optimizer, warmup_updates: int, num_updates: int):
+    """The learning rate as a factor of the initial one, stepped once per update: linear warm-up
+    over warmup_updates, then "linear" decay to 0, "cosine" decay to 0, or "constant" (the same
+    curves as transformers' get_scheduler, with warm-up also for "constant")."""
+
+    def factor(step: int) -> float:
+        if step < warmup_updates:
+            return step / max(1, warmup_updates)
+        progress = (step - warmup_updates) / max(1, num_updates - warmup_updates)
+        if name == "linear":
+            return max(0.0, 1.0 - progress)
+        if name == "cosine":
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

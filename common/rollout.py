@@ -8,18 +8,20 @@ from dataclasses import dataclass
 
 import torch
 from accelerate.utils import DistributedType
-from transformers import GenerationConfig
+import transformers
 
 from common.data import columns_for_reward
 from common.models import check_scalar_head, load_reward_tokenizer, scalar_head_values
 from common.ops import first_true_indices
 
 
-def generation_config(tokenizer, max_new_tokens: int, temperature: float, greedy: bool = False) -> GenerationConfig:
+def generation_config(
+    tokenizer, max_new_tokens: int, temperature: float, greedy: bool = False
+) -> "transformers.GenerationConfig":
     """Pure sampling at a temperature (top_k=0, top_p=1: no other warper changes the distribution
     that the log-probs are recomputed under), or greedy decoding."""
     sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
-    return GenerationConfig(
+    return transformers.GenerationConfig(
         max_new_tokens=max_new_tokens,
         min_new_tokens=0,
         eos_token_id=tokenizer.eos_token_id,
@@ -41,7 +43,7 @@ def unwrap_for_generation(model, accelerator):
     Under DeepSpeed ZeRO-3 every module carries hooks that all-gather its weights before its forward
     and free them after, so each decoded token would gather the whole model again. Instead the full
     weights are gathered once for the rollout and the hooks are lifted until it ends (TRL does the
-    same in unwrap_model_for_generation); the memory cost is one full copy of the policy."""
+    same in unwrap_model_for_generation), at the cost of one full copy of the weights on every device."""
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None or plugin.zero_stage != 3:
         yield accelerator.unwrap_model(model)
@@ -55,13 +57,18 @@ def unwrap_for_generation(model, accelerator):
         hooks.forward_hooks, hooks.backward_hooks = [], []
         try:
             yield accelerator.unwrap_model(model)
-        finally:  # register them again (renamed from _register_hooks_recursively in DeepSpeed 0.16.4)
-            register = getattr(hooks, "_register_deepspeed_module", None) or hooks._register_hooks_recursively
-            register(hooks.module)
+        finally:
+            hooks._register_deepspeed_module(hooks.module)
 
 
 @torch.no_grad()
-def generate(model, queries: torch.Tensor, query_mask: torch.Tensor, config: GenerationConfig, synced: bool = False):
+def generate(
+    model,
+    queries: torch.Tensor,
+    query_mask: torch.Tensor,
+    config: "transformers.GenerationConfig",
+    synced: bool = False,
+):
     """Responses (B, T) to left-padded queries (B, P), T <= max_new_tokens. Runs in eval mode (KV
     cache on, gradient checkpointing off). `generate` builds position ids from the attention mask
     itself; its scores are discarded (recomputed later)."""
@@ -149,7 +156,9 @@ def score_with_fn(reward_fn, prompts: list, completions: list, has_eos: torch.Te
     if hasattr(scores, "tolist"):  # a tensor or an array
         scores = scores.tolist()
     if not isinstance(scores, (list, tuple)):
-        raise TypeError(f"the reward function must return a list of floats, one per completion; it returned {type(scores).__name__}")
+        raise TypeError(
+            f"the reward function must return a list of floats, one per completion; it returned {type(scores).__name__}"
+        )
     if len(scores) != len(completions):
         raise ValueError(f"the reward function returned {len(scores)} scores for {len(completions)} completions")
     bad = [s for s in scores if not isinstance(s, numbers.Real)]

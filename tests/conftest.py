@@ -43,8 +43,16 @@ def llama_reward_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("llama-rm"))
     torch.manual_seed(1)
     config = LlamaConfig(
-        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, num_labels=1,
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        num_labels=1,
     )
     LlamaForSequenceClassification(config).save_pretrained(path)
     toy.make_tokenizer().save_pretrained(path)
@@ -79,7 +87,9 @@ def gpt2_reward_dir(tmp_path_factory):
 
     path = str(tmp_path_factory.mktemp("gpt2-rm"))
     torch.manual_seed(3)
-    config = GPT2Config(vocab_size=32, n_positions=64, n_embd=32, n_layer=1, n_head=2, eos_token_id=1, pad_token_id=1, num_labels=1)
+    config = GPT2Config(
+        vocab_size=32, n_positions=64, n_embd=32, n_layer=1, n_head=2, eos_token_id=1, pad_token_id=1, num_labels=1
+    )
     GPT2ForSequenceClassification(config).save_pretrained(path)
     _gpt2_tokenizer().save_pretrained(path)
     return path
@@ -100,8 +110,13 @@ def prompts_jsonl(tmp_path_factory):
 def tiny_args(module, tmp_path, **overrides):
     """Args of an algorithm script for a run of two small updates (16 responses each)."""
     defaults = dict(
-        output_dir=str(tmp_path / "out"), run_name=f"test-{module.__name__}", print_samples_every=0,
-        max_new_tokens=6, local_micro_batch_size=8, gradient_accumulation_steps=2, total_episodes=32,
+        output_dir=str(tmp_path / "out"),
+        run_name=f"test-{module.__name__}",
+        print_samples_every=0,
+        max_new_tokens=6,
+        local_micro_batch_size=8,
+        gradient_accumulation_steps=2,
+        total_episodes=32,
     )
     defaults.update(overrides)
     return module.Args(**defaults)
@@ -145,9 +160,25 @@ def run_cli(script, tmp_path, toy_cache, *flags):
     """A script through its real command line on the toy task, two updates of 16 responses; the output."""
     import subprocess
 
-    cmd = [sys.executable, os.path.join(ROOT, script), "--total-episodes", "32", "--local-micro-batch-size", "16",
-           "--output-dir", str(tmp_path / "cli"), *flags]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300, env={**os.environ, "ONEFILE_RLHF_CACHE": toy_cache})
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, script),
+        "--total-episodes",
+        "32",
+        "--local-micro-batch-size",
+        "16",
+        "--output-dir",
+        str(tmp_path / "cli"),
+        *flags,
+    ]
+    out = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env={**os.environ, "ONEFILE_RLHF_CACHE": toy_cache},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert len(read_metrics(tmp_path / "cli" / "metrics.jsonl")) == 2
     return out.stdout + out.stderr

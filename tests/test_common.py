@@ -52,7 +52,9 @@ def cross_entropy_logprobs(logits, labels, temperature):
 @pytest.mark.parametrize("temperature", TEMPERATURES)
 def test_selective_log_softmax_equals_cross_entropy(temperature):
     logits, labels = random_logits()
-    assert_close(selective_log_softmax(logits, labels, temperature), cross_entropy_logprobs(logits, labels, temperature))
+    assert_close(
+        selective_log_softmax(logits, labels, temperature), cross_entropy_logprobs(logits, labels, temperature)
+    )
 
 
 @pytest.mark.parametrize("temperature", TEMPERATURES)
@@ -128,7 +130,9 @@ def masked_example():
     mask[0, :2] = True
     mask[0, 2:] = False
     mask[3] = False
-    values[~mask] = torch.tensor([float("inf"), float("nan"), -float("inf")]).repeat(int((~mask).sum()))[: int((~mask).sum())]
+    values[~mask] = torch.tensor([float("inf"), float("nan"), -float("inf")]).repeat(int((~mask).sum()))[
+        : int((~mask).sum())
+    ]
     return values, mask
 
 
@@ -258,7 +262,9 @@ def test_recomputed_logprobs_equal_sampling_distribution(request, model_dir):
     queries, query_mask = batch.input_ids, batch.attention_mask.bool()  # (B, P)
     torch.manual_seed(0)
     out = model.generate(input_ids=queries, attention_mask=query_mask.long(), generation_config=config)
-    responses, response_mask, _ = truncate_at_eos(out.sequences[:, queries.shape[1]:], tokenizer.eos_token_id, tokenizer.pad_token_id)
+    responses, response_mask, _ = truncate_at_eos(
+        out.sequences[:, queries.shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id
+    )
     sampled = torch.stack(out.scores, dim=1).float().log_softmax(-1)  # (B, T, V)
     sampled = sampled.gather(-1, responses.unsqueeze(-1)).squeeze(-1)  # (B, T)
     assert response_mask.sum() >= 10  # enough tokens for the comparison to mean something
@@ -288,8 +294,12 @@ def test_left_padding_does_not_change_logprobs(request, model_dir):
 
     alone_query = torch.tensor([tokenizer(prompts[0])["input_ids"]])
     alone = recompute_logprobs(
-        model, alone_query, torch.ones_like(alone_query, dtype=torch.bool), torch.tensor([answers[0]]),
-        torch.ones(1, len(answers[0]), dtype=torch.bool), temperature,
+        model,
+        alone_query,
+        torch.ones_like(alone_query, dtype=torch.bool),
+        torch.tensor([answers[0]]),
+        torch.ones(1, len(answers[0]), dtype=torch.bool),
+        temperature,
     )
     assert batch["query_mask"][0, 0].item() is False  # the short prompt really is left-padded
     assert_close(batched[0, : len(answers[0])], alone[0], atol=1e-5, rtol=0)
@@ -316,10 +326,16 @@ def scoring_batch(tokenizer):
     unpadded token list."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     prompts = ["ab:", "qzbmxy:", "kji:"]
-    raw = [tokenizer("ba")["input_ids"] + [eos, 9, 9, eos], tokenizer("bmqxy")["input_ids"] + [eos], tokenizer("ijklmn")["input_ids"]]
+    raw = [
+        tokenizer("ba")["input_ids"] + [eos, 9, 9, eos],
+        tokenizer("bmqxy")["input_ids"] + [eos],
+        tokenizer("ijklmn")["input_ids"],
+    ]
     batch = make_collator(tokenizer)([{"input_ids": tokenizer(p)["input_ids"]} for p in prompts])
     responses, response_mask, _ = truncate_at_eos(torch.tensor(raw), eos, pad)
-    unpadded = [tokenizer(p)["input_ids"] + r[: int(m.sum())] for p, r, m in zip(prompts, responses.tolist(), response_mask)]
+    unpadded = [
+        tokenizer(p)["input_ids"] + r[: int(m.sum())] for p, r, m in zip(prompts, responses.tolist(), response_mask)
+    ]
     return batch["queries"], batch["query_mask"], responses, response_mask, unpadded
 
 
@@ -402,7 +418,9 @@ def test_load_tokenizer_pad_becomes_eos_and_pads_left(gpt2_dir, llama_dir):
 
 
 def test_load_tokenizer_without_eos_fails(tmp_path):
-    PreTrainedTokenizerFast(tokenizer_object=toy.make_tokenizer().backend_tokenizer).save_pretrained(tmp_path / "no-eos")
+    PreTrainedTokenizerFast(tokenizer_object=toy.make_tokenizer().backend_tokenizer).save_pretrained(
+        tmp_path / "no-eos"
+    )
     with pytest.raises(ValueError, match="no EOS token"):
         load_tokenizer(str(tmp_path / "no-eos"))
     with pytest.raises(FileNotFoundError, match="no such directory"):
@@ -444,9 +462,9 @@ def test_load_prompt_dataset_formats(tmp_path, fmt):
 def test_load_prompt_dataset_split_of_saved_dataset_dict(tmp_path):
     from datasets import Dataset, DatasetDict
 
-    DatasetDict({"train": Dataset.from_dict({"prompt": PROMPTS}), "test": Dataset.from_dict({"prompt": ["z:"]})}).save_to_disk(
-        str(tmp_path / "dd")
-    )
+    DatasetDict(
+        {"train": Dataset.from_dict({"prompt": PROMPTS}), "test": Dataset.from_dict({"prompt": ["z:"]})}
+    ).save_to_disk(str(tmp_path / "dd"))
     assert load_prompt_dataset(str(tmp_path / "dd"), "test")["prompt"] == ["z:"]
 
 
@@ -476,7 +494,8 @@ def saved_tokenizer_with_chat_template(tmp_path):
     """The toy tokenizer with a template that only uses characters it knows."""
     tokenizer = toy.make_tokenizer()
     tokenizer.chat_template = (
-        "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}a:{% endif %}"
+        "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}a:{% endif %}"
     )
     tokenizer.save_pretrained(tmp_path / "chat-tok")
     return load_tokenizer(str(tmp_path / "chat-tok"))
@@ -486,8 +505,13 @@ def test_chat_messages_are_rendered_with_the_chat_template(tmp_path):
     from datasets import Dataset
 
     tokenizer = saved_tokenizer_with_chat_template(tmp_path)
-    messages = [[{"role": "system", "content": "sort"}, {"role": "user", "content": "cab"}], [{"role": "user", "content": "zy"}]]
-    dataset = tokenize_prompts(Dataset.from_dict({"prompt": messages}), "prompt", tokenizer, 64, "drop", print_fn=lambda *a: None)
+    messages = [
+        [{"role": "system", "content": "sort"}, {"role": "user", "content": "cab"}],
+        [{"role": "user", "content": "zy"}],
+    ]
+    dataset = tokenize_prompts(
+        Dataset.from_dict({"prompt": messages}), "prompt", tokenizer, 64, "drop", print_fn=lambda *a: None
+    )
     assert dataset["prompt_text"] == ["s:sortu:caba:", "u:zya:"]
     assert dataset["input_ids"] == [tokenizer(t, add_special_tokens=False)["input_ids"] for t in dataset["prompt_text"]]
     with pytest.raises(ValueError, match="no chat template"):
@@ -498,7 +522,9 @@ def test_tokenize_prompts_drops_long_prompts_and_says_so(llama_dir):
     from datasets import Dataset
 
     printed = []
-    dataset = tokenize_prompts(Dataset.from_dict({"prompt": PROMPTS}), "prompt", load_tokenizer(llama_dir), 4, "drop", printed.append)
+    dataset = tokenize_prompts(
+        Dataset.from_dict({"prompt": PROMPTS}), "prompt", load_tokenizer(llama_dir), 4, "drop", printed.append
+    )
     assert dataset["prompt"] == ["abc:", "kji:", "xy:"]
     assert [len(x) for x in dataset["input_ids"]] == [4, 4, 3]
     assert printed == ["2 of 5 prompts are longer than --max-prompt-length 4: dropped"]
@@ -509,9 +535,15 @@ def test_tokenize_prompts_left_truncates_long_prompts_and_says_so(llama_dir):
 
     printed = []
     prompts = ["abc:", "qzbmx:", "a?c:"]  # "?" is unknown (decodes as <pad>): a prompt that fits keeps its own text
-    dataset = tokenize_prompts(Dataset.from_dict({"prompt": prompts}), "prompt", load_tokenizer(llama_dir), 4, "left", printed.append)
+    dataset = tokenize_prompts(
+        Dataset.from_dict({"prompt": prompts}), "prompt", load_tokenizer(llama_dir), 4, "left", printed.append
+    )
     tokenizer = load_tokenizer(llama_dir)
-    assert dataset["input_ids"] == [tokenizer("abc:")["input_ids"], tokenizer("bmx:")["input_ids"], tokenizer("a?c:")["input_ids"]]
+    assert dataset["input_ids"] == [
+        tokenizer("abc:")["input_ids"],
+        tokenizer("bmx:")["input_ids"],
+        tokenizer("a?c:")["input_ids"],
+    ]
     assert dataset["prompt_text"] == ["abc:", "bmx:", "a?c:"]
     assert printed == ["1 of 3 prompts are longer than --max-prompt-length 4: left-truncated"]
 
@@ -520,7 +552,9 @@ def test_tokenize_prompts_none_fits(llama_dir):
     from datasets import Dataset
 
     with pytest.raises(ValueError, match="no prompt fits in --max-prompt-length 2"):
-        tokenize_prompts(Dataset.from_dict({"prompt": PROMPTS}), "prompt", load_tokenizer(llama_dir), 2, "drop", lambda *a: None)
+        tokenize_prompts(
+            Dataset.from_dict({"prompt": PROMPTS}), "prompt", load_tokenizer(llama_dir), 2, "drop", lambda *a: None
+        )
 
 
 # ---- rollout: rule rewards ----
@@ -560,14 +594,25 @@ def test_score_with_fn_passes_eos_and_columns_and_checks_the_output():
     with pytest.raises(ValueError, match="returned 1 scores for 2 completions"):
         score_with_fn(lambda **kw: [1.0], ["a:", "b:"], ["x", "y"], torch.tensor([True, True]), {})
     for bad in [float("nan"), float("inf")]:  # passed on: the script stops, or skips the batch (--skip-nonfinite)
-        scores = score_with_fn(lambda **kw: [1.0, bad], ["a:", "b:"], ["x", "y"], torch.tensor([True, True]), {})
+        scores = score_with_fn(
+            lambda bad=bad, **kw: [1.0, bad], ["a:", "b:"], ["x", "y"], torch.tensor([True, True]), {}
+        )
         assert scores[0] == 1.0 and not torch.isfinite(scores[1])
-    for returned, message in [("ab", "returned str"), (None, "returned NoneType"), (0.5, "returned float"),
-                              (["a", "b"], "not a number"), ([None, 1.0], "not a number")]:
+    for returned, message in [
+        ("ab", "returned str"),
+        (None, "returned NoneType"),
+        (0.5, "returned float"),
+        (["a", "b"], "not a number"),
+        ([None, 1.0], "not a number"),
+    ]:
         with pytest.raises(TypeError, match=message):
-            score_with_fn(lambda **kw: returned, ["a:", "b:"], ["x", "y"], torch.tensor([True, True]), {})
-    assert_close(score_with_fn(lambda **kw: torch.tensor([1.0, 2.0]), ["a:", "b:"], ["x", "y"], torch.tensor([True, True]), {}),
-                 torch.tensor([1.0, 2.0]))
+            score_with_fn(
+                lambda returned=returned, **kw: returned, ["a:", "b:"], ["x", "y"], torch.tensor([True, True]), {}
+            )
+    assert_close(
+        score_with_fn(lambda **kw: torch.tensor([1.0, 2.0]), ["a:", "b:"], ["x", "y"], torch.tensor([True, True]), {}),
+        torch.tensor([1.0, 2.0]),
+    )
 
     def raising(**kw):
         raise KeyError("answer")
@@ -596,7 +641,11 @@ def test_sort_reward_examples(prompt, completion, eos, expected):
 
 
 def test_toy_dataset_is_deterministic_for_a_seed():
-    first, again, other = toy.toy_dataset(64, seed=3)["prompt"], toy.toy_dataset(64, seed=3)["prompt"], toy.toy_dataset(64, seed=4)["prompt"]
+    first, again, other = (
+        toy.toy_dataset(64, seed=3)["prompt"],
+        toy.toy_dataset(64, seed=3)["prompt"],
+        toy.toy_dataset(64, seed=4)["prompt"],
+    )
     assert first == again and first != other
     for p in first:
         letters = p[:-1]
@@ -611,3 +660,25 @@ def test_toy_tokenizer_round_trips_one_token_per_character(llama_dir):
         assert ids == [tokenizer.convert_tokens_to_ids(c) for c in "qzbmx:"]
         assert tokenizer.decode(ids) == "qzbmx:"
         assert tokenizer.decode(ids + [tokenizer.eos_token_id], skip_special_tokens=True) == "qzbmx:"
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "constant"])
+def test_lr_scheduler_follows_transformers_curves(name):
+    """The same factors as transformers' get_scheduler ("constant" with warm-up is its
+    "constant_with_warmup"), update after update."""
+    from transformers import get_scheduler
+
+    from common.ops import lr_scheduler
+
+    def rates(make):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+        scheduler, out = make(optimizer), []
+        for _ in range(12):
+            out.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    theirs = "constant_with_warmup" if name == "constant" else name
+    expected = rates(lambda opt: get_scheduler(theirs, opt, num_warmup_steps=3, num_training_steps=10))
+    assert_close(rates(lambda opt: lr_scheduler(name, opt, 3, 10)), expected, atol=1e-12, rtol=0)

@@ -21,7 +21,7 @@ from torch.testing import assert_close
 
 from conftest import ROOT
 
-LAUNCHER = '''
+LAUNCHER = """
 import json, os, sys, zlib
 import torch
 sys.path.insert(0, {root!r})
@@ -44,6 +44,8 @@ def fixed_generate(model, queries, query_mask, config, synced=False):
     return torch.stack(rows).to(queries.device)
 
 module.generate = fixed_generate
+import common.evaluation
+common.evaluation.generate = fixed_generate  # the held-out evaluation's answers too
 if os.environ.get("PLANT_DOUBLE_GRADIENT") and int(os.environ.get("WORLD_SIZE", 1)) > 1:  # a planted scaling bug
     from accelerate import Accelerator
     real_backward = Accelerator.backward
@@ -54,10 +56,11 @@ class PlainSGD(torch.optim.SGD):  # a class, so that libraries subclassing AdamW
 
 torch.optim.AdamW = PlainSGD
 args = module.Args(model=model, dataset=dataset, reward_fn="common.toy:sort_reward", output_dir=out, run_name="dist",
-                   local_micro_batch_size=int(micro), gradient_accumulation_steps=2, total_episodes=16, max_new_tokens=6,
-                   print_samples_every=0, learning_rate=1.0, max_grad_norm=1e9, **json.loads(os.environ.get("EXTRA_ARGS", "{{}}")))
+                   local_micro_batch_size=int(micro), gradient_accumulation_steps=2, total_episodes=16,
+                   max_new_tokens=6, print_samples_every=0, learning_rate=1.0, max_grad_norm=1e9,
+                   **json.loads(os.environ.get("EXTRA_ARGS", "{{}}")))
 module.main(args)
-'''
+"""
 
 
 def _free_port():
@@ -73,13 +76,27 @@ def _run(tmp_path, name, model, dataset, processes, **env_extra):
     micro = str(8 // processes)  # 2 accumulation steps x 8 // processes x processes = 16 responses per update
     prefix = [sys.executable]
     if processes > 1:
-        prefix += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(_free_port())]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", **env_extra}  # else Accelerate ignores torchrun on CPU
-    result = subprocess.run(prefix + [str(launcher), name, model, dataset, str(out), micro],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env)
+        prefix += [
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_port",
+            str(_free_port()),
+        ]
+    # ACCELERATE_USE_CPU: else Accelerate ignores torchrun on CPU
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", **env_extra}
+    result = subprocess.run(
+        prefix + [str(launcher), name, model, dataset, str(out), micro],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+        env=env,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     with open(out / "metrics.jsonl") as f:
-        return out, json.loads(f.readline())
+        return out, [json.loads(line) for line in f]
 
 
 def assert_same_update(start: dict, after_one: dict, after_two: dict) -> None:
@@ -102,12 +119,20 @@ def _weights(path):
 
 @pytest.mark.parametrize("name", ["rloo", "remax", "ppo", "grpo"])
 def test_two_processes_match_one(tmp_path, name, llama_dir, prompts_jsonl):
-    one_dir, one = _run(tmp_path, name, llama_dir, prompts_jsonl, 1)
-    two_dir, two = _run(tmp_path, name, llama_dir, prompts_jsonl, 2)
+    """Also the held-out evaluation before and after the update: 13 prompts, so the second process
+    answers one padding prompt that must not count, greedy and 2 sampled answers each."""
+    evaluation = dict(eval_every=1, eval_dataset=prompts_jsonl, eval_max_prompts=13, eval_samples=2)
+    env = {"EXTRA_ARGS": json.dumps(evaluation)}
+    one_dir, one = _run(tmp_path, name, llama_dir, prompts_jsonl, 1, **env)
+    two_dir, two = _run(tmp_path, name, llama_dir, prompts_jsonl, 2, **env)
     assert_same_update(_weights(llama_dir), _weights(one_dir), _weights(two_dir))
-    for key in one:
-        if not key.startswith("time/"):
-            assert_close(torch.tensor(two[key]), torch.tensor(one[key]), atol=1e-5, rtol=1e-4, msg=key)
+    assert [m["update"] for m in one] == [m["update"] for m in two] == [0, 1]
+    assert "eval/sampled_scores" in one[0] and "eval/scores" in one[1]
+    for one_line, two_line in zip(one, two):
+        assert one_line.keys() == two_line.keys()
+        for key in one_line:
+            if not key.startswith("time/"):
+                assert_close(torch.tensor(two_line[key]), torch.tensor(one_line[key]), atol=1e-5, rtol=1e-4, msg=key)
 
 
 def test_a_gradient_twice_too_large_on_two_processes_fails(tmp_path, llama_dir, prompts_jsonl):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-import common.models
+import transformers
 import grpo
 from common.ops import INVALID_LOGPROB
 from conftest import ROOT, assert_objective_is_per_response, read_metrics, run_cli, tiny_args
@@ -144,7 +144,11 @@ def test_loss_at_ratio_one_without_kl_has_reinforce_gradient(normalization):
     loss, ratio, clipped = grpo.policy_loss(new, new.detach(), ref, advantages, mask, 0.2, None, 0.0, normalization, n)
     (grad,) = torch.autograd.grad(loss, logits, retain_graph=True)
     # REINFORCE, -A_i grad log pi(y_i,t), weighted 1 / (|y_i| B) per token (response) or 1 / (all tokens) (token)
-    weights = 1.0 / (lengths.unsqueeze(1).to(new.dtype) * len(lengths)) if normalization == "response" else torch.full_like(new, 1.0 / n)
+    weights = (
+        1.0 / (lengths.unsqueeze(1).to(new.dtype) * len(lengths))
+        if normalization == "response"
+        else torch.full_like(new, 1.0 / n)
+    )
     reinforce = -(advantages.unsqueeze(1) * new * weights * mask).sum()
     (expected,) = torch.autograd.grad(reinforce, logits)
     assert_close(grad, expected, **_tol(torch.float64, expected.abs().max()))
@@ -171,7 +175,9 @@ def test_k3_gradient_pulls_towards_the_reference():
     new = torch.tensor([[math.log(0.5), math.log(0.1)]], dtype=torch.float64, requires_grad=True)
     ref = torch.tensor([[math.log(0.25), math.log(0.2)]], dtype=torch.float64)
     mask = torch.ones(1, 2, dtype=torch.bool)
-    loss, _, _ = grpo.policy_loss(new, new.detach(), ref, torch.zeros(1, dtype=torch.float64), mask, 0.2, None, 1.0, "token", 2.0)
+    loss, _, _ = grpo.policy_loss(
+        new, new.detach(), ref, torch.zeros(1, dtype=torch.float64), mask, 0.2, None, 1.0, "token", 2.0
+    )
     (grad,) = torch.autograd.grad(loss, new)
     assert_close(grad, torch.tensor([[(1 - 0.5) / 2, (1 - 2.0) / 2]], dtype=torch.float64))
 
@@ -186,7 +192,9 @@ def test_gradient_accumulation_is_exact(normalization):
     (expected,) = torch.autograd.grad(whole, logits, retain_graph=True)
     accumulated = torch.zeros_like(logits)
     for rows in (slice(0, 3), slice(3, 6)):  # token counts 11 and 13: a per-micro-batch mean would be wrong
-        loss, _, _ = grpo.policy_loss(new[rows], old[rows], ref[rows], advantages[rows], mask[rows], *loss_args, float(mask.sum()) / 2)
+        loss, _, _ = grpo.policy_loss(
+            new[rows], old[rows], ref[rows], advantages[rows], mask[rows], *loss_args, float(mask.sum()) / 2
+        )
         accumulated += torch.autograd.grad(loss / 2, logits, retain_graph=True)[0]
     assert_close(accumulated, expected, **_tol(torch.float64, expected.abs().max()))
 
@@ -208,10 +216,25 @@ def test_main_two_updates_ratio_one(tmp_path, llama_dir, prompts_jsonl):
         assert_close(torch.tensor(m["policy/approxkl"]), torch.tensor(0.0), atol=(LOGPROB_TOL) ** 2, rtol=0)
         assert m["policy/clipfrac"] == 0.0
         assert 0.0 <= m["val/zero_std_groups"] <= 1.0
-    for name in ["objective/scores", "objective/kl", "objective/rlhf_reward", "objective/entropy", "policy/approxkl",
-                 "policy/clipfrac", "loss/policy", "val/ratio", "val/ratio_var", "val/num_eos_tokens",
-                 "val/response_length", "val/advantage_abs", "val/zero_std_groups", "lr", "episode",
-                 "val/skipped_batches", "time/episodes_per_second"]:
+    for name in [
+        "objective/scores",
+        "objective/kl",
+        "objective/rlhf_reward",
+        "objective/entropy",
+        "policy/approxkl",
+        "policy/clipfrac",
+        "loss/policy",
+        "val/ratio",
+        "val/ratio_var",
+        "val/num_eos_tokens",
+        "val/response_length",
+        "val/advantage_abs",
+        "val/zero_std_groups",
+        "lr",
+        "episode",
+        "val/skipped_batches",
+        "time/episodes_per_second",
+    ]:
         assert name in lines[0], name
     assert "loss/value" not in lines[0]  # GRPO has no critic
     # the first update starts from the reference: k3 exactly 0 (same weights, same forward)
@@ -221,9 +244,18 @@ def test_main_two_updates_ratio_one(tmp_path, llama_dir, prompts_jsonl):
 
 def test_main_first_minibatch_ratio_one_with_several_minibatches(tmp_path, llama_dir, prompts_jsonl, monkeypatch):
     args = tiny_args(
-        grpo, tmp_path, model=llama_dir, dataset=prompts_jsonl, reward_fn="common.toy:sort_reward",
-        num_minibatches=2, gradient_accumulation_steps=1, num_epochs=2, total_episodes=16, learning_rate=1e-2,
-        loss_normalization="token", cliprange_high=0.28,
+        grpo,
+        tmp_path,
+        model=llama_dir,
+        dataset=prompts_jsonl,
+        reward_fn="common.toy:sort_reward",
+        num_minibatches=2,
+        gradient_accumulation_steps=1,
+        num_epochs=2,
+        total_episodes=16,
+        learning_rate=1e-2,
+        loss_normalization="token",
+        cliprange_high=0.28,
     )
     ratios = []
     original = grpo.policy_loss
@@ -242,12 +274,22 @@ def test_main_first_minibatch_ratio_one_with_several_minibatches(tmp_path, llama
 
 
 @pytest.mark.parametrize("normalization", ["token", "constant"])
-def test_main_token_sums_are_shared_out_over_accumulation(tmp_path, llama_dir, prompts_jsonl, monkeypatch, normalization):
+def test_main_token_sums_are_shared_out_over_accumulation(
+    tmp_path, llama_dir, prompts_jsonl, monkeypatch, normalization
+):
     """Over the micro-batches of one minibatch, token count / num_tokens adds up to the accumulation
     steps that accelerator.backward divides by: each token weighs 1 / (the minibatch's tokens)."""
     args = tiny_args(
-        grpo, tmp_path, model=llama_dir, dataset=prompts_jsonl, reward_fn="common.toy:sort_reward", total_episodes=16,
-        local_micro_batch_size=4, gradient_accumulation_steps=2, num_minibatches=2, loss_normalization=normalization,
+        grpo,
+        tmp_path,
+        model=llama_dir,
+        dataset=prompts_jsonl,
+        reward_fn="common.toy:sort_reward",
+        total_episodes=16,
+        local_micro_batch_size=4,
+        gradient_accumulation_steps=2,
+        num_minibatches=2,
+        loss_normalization=normalization,
     )
     seen = []
     original = grpo.policy_loss
@@ -276,14 +318,16 @@ def model_loads(monkeypatch):
         calls.append(name)
         raise AssertionError("model loaded")
 
-    monkeypatch.setattr(common.models.AutoModelForCausalLM, "from_pretrained", refuse)
-    monkeypatch.setattr(common.models.AutoModelForSequenceClassification, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained", refuse)
     return calls
 
 
 @pytest.mark.parametrize("k", [1, 0])
 def test_fewer_than_two_generations_refused_before_loading(tmp_path, llama_dir, prompts_jsonl, model_loads, k):
-    args = tiny_args(grpo, tmp_path, model=llama_dir, dataset=prompts_jsonl, reward_fn="common.toy:sort_reward", num_generations=k)
+    args = tiny_args(
+        grpo, tmp_path, model=llama_dir, dataset=prompts_jsonl, reward_fn="common.toy:sort_reward", num_generations=k
+    )
     with pytest.raises(ValueError, match=re.escape(f"--num-generations {k}")):
         grpo.main(args)
     assert model_loads == []
@@ -291,8 +335,19 @@ def test_fewer_than_two_generations_refused_before_loading(tmp_path, llama_dir, 
 
 def test_cli_subprocess_toy_task_dapo_flags(tmp_path, toy_cache):
     out = run_cli(
-        "grpo.py", tmp_path, toy_cache, "--print-samples-every", "1",
-        "--scale-rewards", "none", "--loss-normalization", "token", "--cliprange-high", "0.28", "--kl-coef", "0",
+        "grpo.py",
+        tmp_path,
+        toy_cache,
+        "--print-samples-every",
+        "1",
+        "--scale-rewards",
+        "none",
+        "--loss-normalization",
+        "token",
+        "--cliprange-high",
+        "0.28",
+        "--kl-coef",
+        "0",
     )
     assert "update 2/2" in out
     assert "completion" in out  # the sample table
@@ -304,7 +359,9 @@ RUNTIME_FIELDS = {"world_size", "local_batch_size", "local_mini_batch_size", "ba
 
 
 def test_cli_help_documents_every_field():
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), "--help"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "grpo.py"), "--help"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0
     text = " ".join(out.stdout.split())  # help lines wrap
     for field in fields(grpo.Args):
@@ -313,8 +370,13 @@ def test_cli_help_documents_every_field():
             assert flag + " " not in text, flag  # filled in at runtime, not a flag
         else:
             assert flag in text, flag
-    for doc in ["K, responses sampled per prompt (>= 2)", "(Dr. GRPO)", "(DAPO", "--loss-normalization {response,token,constant}",
-                "--scale-rewards {group,none}"]:
+    for doc in [
+        "K, responses sampled per prompt (>= 2)",
+        "(Dr. GRPO)",
+        "(DAPO",
+        "--loss-normalization {response,token,constant}",
+        "--scale-rewards {group,none}",
+    ]:
         assert doc in text, doc
     assert "--rloo-k" not in text and "--kl-estimator" not in text
 
@@ -323,6 +385,13 @@ def test_module_docstring():
     with open(os.path.join(ROOT, "grpo.py")) as f:
         docstring = re.match(r'"""(.*?)"""', f.read(), re.S).group(1)
     assert len(docstring.splitlines()) <= 25
-    for needed in ["arXiv 2402.03300", "Differences from the paper", "Differences from rloo.py", "python grpo.py",
-                   "accelerate launch", "Dr. GRPO", "DAPO"]:
+    for needed in [
+        "arXiv 2402.03300",
+        "Differences from the paper",
+        "Differences from rloo.py",
+        "python grpo.py",
+        "accelerate launch",
+        "Dr. GRPO",
+        "DAPO",
+    ]:
         assert needed in docstring, needed

@@ -28,7 +28,7 @@ def test_gae_matches_naive_loop(gamma, lam):
         v = [values[b, t].item() for t in range(L)] + [0.0]  # V = 0 after the last real token
         deltas = [rewards[b, t].item() + gamma * v[t + 1] - v[t] for t in range(L)]
         for t in range(L):
-            expected = sum((gamma * lam) ** l * deltas[t + l] for l in range(L - t))
+            expected = sum((gamma * lam) ** j * deltas[t + j] for j in range(L - t))
             assert_close(advantages[b, t].item(), expected)
             assert_close(returns[b, t].item(), expected + v[t])
         assert torch.all(advantages[b, L:] == 0)
@@ -95,10 +95,16 @@ def test_value_clipping():
     assert grad[0, 0] == 0  # the clipped term does not depend on the prediction
 
 
-
 def test_main_first_minibatch_ratio_one(tmp_path, llama_dir, prompts_jsonl):
-    args = tiny_args(ppo, tmp_path, model=llama_dir, dataset=prompts_jsonl, reward_fn="common.toy:sort_reward",
-                     num_minibatches=2, gradient_accumulation_steps=1)
+    args = tiny_args(
+        ppo,
+        tmp_path,
+        model=llama_dir,
+        dataset=prompts_jsonl,
+        reward_fn="common.toy:sort_reward",
+        num_minibatches=2,
+        gradient_accumulation_steps=1,
+    )
     seen = []
     original = ppo.policy_loss
 
@@ -117,12 +123,21 @@ def test_main_first_minibatch_ratio_one(tmp_path, llama_dir, prompts_jsonl):
     assert_close(ratio[mask], torch.ones(int(mask.sum())), atol=1e-5, rtol=0)
     assert len(seen) == 2 * 4 * 2  # updates x epochs x minibatches
     lines = read_metrics(tmp_path / "out" / "metrics.jsonl")
-    for name in ["loss/value", "val/clipfrac", "val/vpred", "val/explained_variance", "policy/clipfrac", "policy/approxkl"]:
+    for name in [
+        "loss/value",
+        "val/clipfrac",
+        "val/vpred",
+        "val/explained_variance",
+        "policy/clipfrac",
+        "policy/approxkl",
+    ]:
         assert name in lines[0]
 
 
 def test_main_one_epoch_is_on_policy(tmp_path, llama_dir, prompts_jsonl):
-    args = tiny_args(ppo, tmp_path, model=llama_dir, dataset=prompts_jsonl, reward_fn="common.toy:sort_reward", num_epochs=1)
+    args = tiny_args(
+        ppo, tmp_path, model=llama_dir, dataset=prompts_jsonl, reward_fn="common.toy:sort_reward", num_epochs=1
+    )
     metrics = ppo.main(args)
     assert_objective_is_per_response(metrics, args.kl_coef)
     assert_close(torch.tensor(metrics["val/ratio"]), torch.tensor(1.0), atol=1e-5, rtol=0)
@@ -133,13 +148,24 @@ def test_main_one_epoch_is_on_policy(tmp_path, llama_dir, prompts_jsonl):
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")
 
 
-def test_main_reward_model_pad_equals_eos_and_explicit_value_model(tmp_path, gpt2_dir, gpt2_reward_dir, llama_reward_dir, prompts_jsonl):
+def test_main_reward_model_pad_equals_eos_and_explicit_value_model(
+    tmp_path, gpt2_dir, gpt2_reward_dir, llama_reward_dir, prompts_jsonl
+):
     args = tiny_args(ppo, tmp_path, model=gpt2_dir, reward_model=gpt2_reward_dir, dataset=prompts_jsonl, num_epochs=1)
     metrics = ppo.main(args)
     assert all(math.isfinite(v) for v in metrics.values())
     assert_close(torch.tensor(metrics["val/ratio"]), torch.tensor(1.0), atol=1e-5, rtol=0)
-    args = tiny_args(ppo, tmp_path, model=gpt2_dir, reward_model=gpt2_reward_dir, value_model=gpt2_reward_dir,
-                     dataset=prompts_jsonl, whiten_rewards=True, total_episodes=16, output_dir=str(tmp_path / "out2"))
+    args = tiny_args(
+        ppo,
+        tmp_path,
+        model=gpt2_dir,
+        reward_model=gpt2_reward_dir,
+        value_model=gpt2_reward_dir,
+        dataset=prompts_jsonl,
+        whiten_rewards=True,
+        total_episodes=16,
+        output_dir=str(tmp_path / "out2"),
+    )
     assert all(math.isfinite(v) for v in ppo.main(args).values())
 
 

@@ -38,6 +38,30 @@ def test_twin_table_matches_the_measured_diffs():
 
 def test_no_placeholders_left():
     """Every figure in the README comes from a run: no template placeholder survives."""
-    allowed = {"ACCELERATE_USE_CPU", "ONEFILE_RLHF_CACHE", "FULL_STATE_DICT", "HF_HUB_OFFLINE", "OMP_NUM_THREADS"}
+    allowed = {
+        "ACCELERATE_USE_CPU",
+        "ONEFILE_RLHF_CACHE",
+        "FULL_STATE_DICT",
+        "HF_HUB_OFFLINE",
+        "OMP_NUM_THREADS",
+        "INVALID_LOGPROB",
+        "SLURM_JOB_NODELIST",
+        "SLURM_NNODES",
+        "SLURM_NODEID",
+    }
     tokens = set(re.findall(r"\b[A-Z][A-Z0-9]*_[A-Z0-9_]+\b", _read("README.md")))
     assert tokens <= allowed, tokens - allowed
+
+
+def test_every_common_name_the_scripts_import_is_in_the_readme_table():
+    """The README lists, per script, which common/ names it uses and what each does."""
+    readme = _read("README.md")
+    table = readme[readme.index("### What the scripts use from `common/`") :]
+    table = table[: table.index("\n### ")]
+    for script in ["rloo.py", "remax.py", "ppo.py", "grpo.py"]:
+        for module, names in re.findall(r"^from (common\.\w+) import (.+)$", _read(script), re.M):
+            for name in names.split(","):
+                row = re.search(rf"^\| [^|]*`{re.escape(module)}\.{name.strip()}`[^|]* \| ([^|]+) \|", table, re.M)
+                assert row, f"{script} imports {module}.{name.strip()}; the README's table has no row for it"
+                users = row.group(1).strip()
+                assert users == "all" or script[:-3] in users, f"{module}.{name.strip()}: {users} misses {script}"

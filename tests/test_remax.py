@@ -82,7 +82,9 @@ def test_main_two_updates(tmp_path, llama_dir, prompts_jsonl):
 
 
 def test_main_reward_model_and_pad_equals_eos(tmp_path, gpt2_dir, gpt2_reward_dir, prompts_jsonl):
-    args = tiny_args(remax, tmp_path, model=gpt2_dir, reward_model=gpt2_reward_dir, dataset=prompts_jsonl, reward_clip=5.0)
+    args = tiny_args(
+        remax, tmp_path, model=gpt2_dir, reward_model=gpt2_reward_dir, dataset=prompts_jsonl, reward_clip=5.0
+    )
     metrics = remax.main(args)
     assert all(math.isfinite(v) for v in metrics.values())
     assert_close(torch.tensor(metrics["val/ratio"]), torch.tensor(1.0), atol=1e-5, rtol=0)
@@ -91,11 +93,15 @@ def test_main_reward_model_and_pad_equals_eos(tmp_path, gpt2_dir, gpt2_reward_di
 def test_one_optimizer_step_per_batch(tmp_path, llama_dir, prompts_jsonl, monkeypatch):
     """ReMax is on-policy: no minibatch flag exists, and an update of 2 accumulated micro-batches
     steps the optimizer once (the ratio stays exactly 1 for the whole batch)."""
-    assert "num_minibatches" not in remax.Args.__dataclass_fields__ and "num_epochs" not in remax.Args.__dataclass_fields__
+    assert (
+        "num_minibatches" not in remax.Args.__dataclass_fields__ and "num_epochs" not in remax.Args.__dataclass_fields__
+    )
     steps = []
     real_step = torch.optim.AdamW.step
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (steps.append(1), real_step(self, *a, **k))[1])
-    args = tiny_args(remax, tmp_path, model=llama_dir, dataset=prompts_jsonl, reward_fn="common.toy:sort_reward", total_episodes=16)
+    args = tiny_args(
+        remax, tmp_path, model=llama_dir, dataset=prompts_jsonl, reward_fn="common.toy:sort_reward", total_episodes=16
+    )
     metrics = remax.main(args)
     assert len(steps) == 1 and metrics["val/ratio"] == 1.0
 

@@ -26,8 +26,16 @@ def foreign_reward_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("foreign-rm"))
     PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>").save_pretrained(path)
     torch.manual_seed(4)
-    config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=2, pad_token_id=0, num_labels=1)
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        num_labels=1,
+    )
     LlamaForSequenceClassification(config).save_pretrained(path)
     return path
 
@@ -44,11 +52,15 @@ def test_foreign_vocabulary_is_retokenised(llama_dir, foreign_reward_dir):
     prompts = ["cab:", "qzbmx:"]
     queries = policy_tokenizer(prompts, padding=True, return_tensors="pt")
     responses = policy_tokenizer(["abc", "bmq"], return_tensors="pt")["input_ids"]
-    responses = torch.cat([responses, torch.tensor([[toy.make_tokenizer().eos_token_id], [0]])], dim=1)  # 1st ends with EOS
+    responses = torch.cat(
+        [responses, torch.tensor([[toy.make_tokenizer().eos_token_id], [0]])], dim=1
+    )  # 1st ends with EOS
     responses, mask, has_eos = truncate_at_eos(responses, policy_tokenizer.eos_token_id, policy_tokenizer.pad_token_id)
     reward = Reward(model=reward_model, tokenizer=reward_tokenizer)
     query_ids, query_mask = queries["input_ids"], queries["attention_mask"].bool()
-    scores, completions = score_responses(reward, policy_tokenizer, query_ids, query_mask, responses, mask, has_eos, prompts, {})
+    scores, completions = score_responses(
+        reward, policy_tokenizer, query_ids, query_mask, responses, mask, has_eos, prompts, {}
+    )
     assert completions == ["abc", "bmq"]
     with torch.no_grad():  # each text alone, in the reward model's own ids, scored by the model at its last token
         for i, text in enumerate(["cab:abc", "qzbmx:bmq"]):
@@ -56,13 +68,16 @@ def test_foreign_vocabulary_is_retokenised(llama_dir, foreign_reward_dir):
             alone = reward_model(input_ids=torch.tensor([ids])).logits[0, 0]
             assert_close(scores[i], alone)
     # read with the policy's ids instead, the same model scores something else
-    wrong, _ = score_responses(Reward(model=reward_model), policy_tokenizer, query_ids, query_mask, responses, mask, has_eos,
-                               prompts, {})
+    wrong, _ = score_responses(
+        Reward(model=reward_model), policy_tokenizer, query_ids, query_mask, responses, mask, has_eos, prompts, {}
+    )
     assert not torch.allclose(wrong, scores)
 
 
 def test_main_with_a_foreign_reward_model(tmp_path, llama_dir, foreign_reward_dir, prompts_jsonl):
     import rloo
 
-    metrics = rloo.main(tiny_args(rloo, tmp_path, model=llama_dir, reward_model=foreign_reward_dir, dataset=prompts_jsonl))
+    metrics = rloo.main(
+        tiny_args(rloo, tmp_path, model=llama_dir, reward_model=foreign_reward_dir, dataset=prompts_jsonl)
+    )
     assert all(math.isfinite(v) for v in metrics.values())

@@ -71,7 +71,6 @@ def test_loss_clips_the_sequence_ratio():
     assert_close(grad, torch.zeros(1, 2))
 
 
-
 def test_main_two_updates_ratio_one(tmp_path, llama_dir, prompts_jsonl):
     args = tiny_args(rloo, tmp_path, model=llama_dir, dataset=prompts_jsonl, reward_fn="common.toy:sort_reward")
     metrics = rloo.main(args)
@@ -83,8 +82,18 @@ def test_main_two_updates_ratio_one(tmp_path, llama_dir, prompts_jsonl):
     assert metrics["policy/clipfrac"] == 0.0
     lines = read_metrics(tmp_path / "out" / "metrics.jsonl")
     assert [m["update"] for m in lines] == [1, 2]
-    for name in ["objective/scores", "objective/kl", "objective/rlhf_reward", "objective/entropy", "policy/approxkl",
-                 "policy/clipfrac", "loss/policy", "val/ratio", "val/num_eos_tokens", "time/episodes_per_second"]:
+    for name in [
+        "objective/scores",
+        "objective/kl",
+        "objective/rlhf_reward",
+        "objective/entropy",
+        "policy/approxkl",
+        "policy/clipfrac",
+        "loss/policy",
+        "val/ratio",
+        "val/num_eos_tokens",
+        "time/episodes_per_second",
+    ]:
         assert name in lines[0]
     assert "loss/value" not in lines[0]  # RLOO has no critic
     # the first update starts from the reference: KL exactly 0 (same weights, same forward)
@@ -98,8 +107,16 @@ def test_main_two_updates_ratio_one(tmp_path, llama_dir, prompts_jsonl):
 
 def test_main_first_minibatch_ratio_one_with_several_minibatches(tmp_path, llama_dir, prompts_jsonl):
     args = tiny_args(
-        rloo, tmp_path, model=llama_dir, dataset=prompts_jsonl, reward_fn="common.toy:sort_reward",
-        num_minibatches=2, gradient_accumulation_steps=1, num_epochs=2, total_episodes=16, learning_rate=1e-2,
+        rloo,
+        tmp_path,
+        model=llama_dir,
+        dataset=prompts_jsonl,
+        reward_fn="common.toy:sort_reward",
+        num_minibatches=2,
+        gradient_accumulation_steps=1,
+        num_epochs=2,
+        total_episodes=16,
+        learning_rate=1e-2,
     )
     ratios = []
     original = rloo.policy_loss
@@ -121,7 +138,9 @@ def test_main_first_minibatch_ratio_one_with_several_minibatches(tmp_path, llama
 
 
 def test_main_reward_model_and_pad_equals_eos(tmp_path, gpt2_dir, gpt2_reward_dir, prompts_jsonl):
-    args = tiny_args(rloo, tmp_path, model=gpt2_dir, reward_model=gpt2_reward_dir, dataset=prompts_jsonl, kl_estimator="k3")
+    args = tiny_args(
+        rloo, tmp_path, model=gpt2_dir, reward_model=gpt2_reward_dir, dataset=prompts_jsonl, kl_estimator="k3"
+    )
     metrics = rloo.main(args)
     assert all(math.isfinite(v) for v in metrics.values())
     assert_close(torch.tensor(metrics["val/ratio"]), torch.tensor(1.0), atol=1e-5, rtol=0)
@@ -130,8 +149,14 @@ def test_main_reward_model_and_pad_equals_eos(tmp_path, gpt2_dir, gpt2_reward_di
 def test_main_missing_eos_penalty(tmp_path, llama_dir, prompts_jsonl):
     # one new token: a response can only end with EOS if it is the EOS itself
     args = tiny_args(
-        rloo, tmp_path, model=llama_dir, dataset=prompts_jsonl, reward_fn="common.toy:sort_reward",
-        max_new_tokens=1, missing_eos_penalty=-3.0, total_episodes=16,
+        rloo,
+        tmp_path,
+        model=llama_dir,
+        dataset=prompts_jsonl,
+        reward_fn="common.toy:sort_reward",
+        max_new_tokens=1,
+        missing_eos_penalty=-3.0,
+        total_episodes=16,
     )
     metrics = rloo.main(args)
     n_eos = metrics["val/num_eos_tokens"]
@@ -145,13 +170,34 @@ def test_cli_subprocess_toy_task(tmp_path, toy_cache):
     assert "completion" in out  # the sample table
 
 
-
 def test_cli_help_documents_every_field():
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "rloo.py"), "--help"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "rloo.py"), "--help"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0
-    for flag in ["--model", "--reward-model", "--reward-fn", "--dataset", "--prompt-column", "--max-prompt-length",
-                 "--max-new-tokens", "--temperature", "--num-generations", "--kl-coef", "--kl-estimator", "--learning-rate",
-                 "--lr-schedule", "--local-micro-batch-size", "--gradient-accumulation-steps", "--num-minibatches",
-                 "--total-episodes", "--seed", "--output-dir", "--bf16", "--track", "--missing-eos-penalty"]:
+    for flag in [
+        "--model",
+        "--reward-model",
+        "--reward-fn",
+        "--dataset",
+        "--prompt-column",
+        "--max-prompt-length",
+        "--max-new-tokens",
+        "--temperature",
+        "--num-generations",
+        "--kl-coef",
+        "--kl-estimator",
+        "--learning-rate",
+        "--lr-schedule",
+        "--local-micro-batch-size",
+        "--gradient-accumulation-steps",
+        "--num-minibatches",
+        "--total-episodes",
+        "--seed",
+        "--output-dir",
+        "--bf16",
+        "--track",
+        "--missing-eos-penalty",
+    ]:
         assert flag in out.stdout, flag
     assert "--world-size" not in out.stdout  # filled in at runtime, not a flag
