@@ -248,31 +248,24 @@ def save(accelerator, output_dir: str, state: dict, keep_last: int) -> str:
 
 def save_final(accelerator, output_dir: str, model, state_dict: dict, tokenizer) -> None:
     """save_pretrained into a hidden folder, then move the files into --output-dir: a failure (a full
-    disk) leaves no half-written model there, and the checkpoints stay."""
-    tmp = os.path.join(output_dir, ".tmp-final")
+    disk) leaves no half-written model there, and the checkpoints stay. Only the main process writes
+    (state_dict is already gathered there), so no other process can race it over the folder."""
     if accelerator.is_main_process:
+        tmp = os.path.join(output_dir, ".tmp-final")
         shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(
-            tmp, state_dict=state_dict, save_function=accelerator.save, is_main_process=accelerator.is_main_process
-        )
-        if accelerator.is_main_process:
+        try:
+            model.save_pretrained(tmp, state_dict=state_dict, save_function=accelerator.save)
             tokenizer.save_pretrained(tmp)
-    except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        kept = list_checkpoints(output_dir)
-        kept = (
-            f"resume from the last checkpoint ({kept[-1]}) once fixed"
-            if kept
-            else "no checkpoint exists (--save-every)"
-        )
-        if _no_space(e, output_dir):
-            raise OSError(
-                errno.ENOSPC,
-                f"no space left on {os.path.abspath(output_dir)}: the trained policy was not saved; {kept}",
-            ) from e
-        raise
-    if accelerator.is_main_process:
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            kept = list_checkpoints(output_dir)
+            kept = f"resume from the last checkpoint ({kept[-1]}) once fixed" if kept else "no checkpoint exists"
+            if _no_space(e, output_dir):
+                where = os.path.abspath(output_dir)
+                raise OSError(
+                    errno.ENOSPC, f"no space left on {where}: the trained policy was not saved; {kept}"
+                ) from e
+            raise
         for name in os.listdir(tmp):
             os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
         os.rmdir(tmp)
