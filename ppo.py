@@ -34,7 +34,8 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 
 from common.data import columns_for_reward, load_prompts, make_collator, repeat_forever
-from common.models import enable_gradient_checkpointing, load_frozen, load_policy, load_reward_model
+from common.lora import add_lora, load_reference
+from common.models import enable_gradient_checkpointing, load_policy, load_reward_model
 from common.models import load_tokenizer, prepare_frozen
 from common.models import PolicyAndValue, check_scalar_head, load_value_model
 from common.ops import INVALID_LOGPROB, entropy_from_logits, global_means, global_var, masked_sum
@@ -42,6 +43,7 @@ from common.ops import masked_whiten, lr_scheduler, response_logits, selective_l
 from common.rollout import check_reward, generate, generation_config, needs_synced_generation, score_responses
 from common.rollout import truncate_at_eos, unwrap_for_generation
 from common.run import Run
+from common.vllm_engine import VLLMEngine
 
 
 @dataclass
@@ -75,6 +77,10 @@ class Args:
     """response length limit (8 fits the toy task; ~50-500 for real tasks)"""
     temperature: float = 1.0
     """sampling temperature; log-probs are recomputed at the same temperature"""
+    vllm: bool = False
+    """sample the responses with vLLM in this process (pip install -e ".[vllm]"); log-probs are still recomputed"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """with --vllm: the fraction of GPU memory (on CPU: of RAM) vLLM takes for its weights and KV cache"""
     missing_eos_penalty: float | None = None
     """if set, a response that never emitted EOS gets this score instead of the reward"""
 
@@ -115,6 +121,14 @@ class Args:
     """bf16 for policy and reference, the same numerics for both (the first KL is exactly 0); a bf16 reward model"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, ~30% more time (off while generating)"""
+    lora_r: int = 0
+    """LoRA rank: train low-rank adapters, not the weights (0: off); pi_ref is the policy with adapters off"""
+    lora_alpha: float = 16
+    """LoRA scale: an adapter adds (alpha / r) B A x"""
+    lora_target_modules: str = "all-linear"
+    """comma-separated linear layers to adapt (e.g. q_proj,v_proj); all-linear: all but the output head"""
+    merge_lora: bool = False
+    """save the policy with its adapters merged in (loads with AutoModelForCausalLM), not the adapter alone"""
 
     # Batch sizes
     local_micro_batch_size: int = 64
@@ -251,11 +265,10 @@ def main(args: Args) -> dict:
         check_scalar_head(args.value_model, "--value-model", args.trust_remote_code)
 
     set_seed(args.seed)  # same initial weights and data order on every process
-    policy = load_policy(args.model, torch.float32, args.trust_remote_code)
-    # fp32 weights, run under the policy's autocast: the same numerics, so the first KL is exactly 0
-    ref_policy = load_frozen(load_policy(args.model, torch.float32, args.trust_remote_code))
+    policy = add_lora(load_policy(args.model, torch.float32, args.trust_remote_code), args)  # if --lora-r
+    ref_policy = load_reference(args, policy)  # fp32 copy of --model, or (--lora-r) the policy with adapters off
     reward.model = load_reward_model(args)  # None with --reward-fn
-    value_model = load_value_model(args)  # --value-model, else the reward model, else the policy with a new head
+    value_model = add_lora(load_value_model(args), args)  # --value-model, else the reward model, else the policy
     model = PolicyAndValue(policy, value_model)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -272,6 +285,7 @@ def main(args: Args) -> dict:
     model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
     ref_policy = prepare_frozen(ref_policy, accelerator)  # after prepare(): ZeRO-3 reads the filled-in config
     reward.model = prepare_frozen(reward.model, accelerator) if reward.model is not None else None
+    engine = VLLMEngine(args, accelerator) if args.vllm else None  # --vllm: built here, before the seeds below
     set_seed(args.seed + accelerator.process_index * 100003)  # different samples on every process
     accelerator.register_for_checkpointing(scheduler)
     start_update = run.resume()  # weights, optimizer, scheduler and every process's RNG states
@@ -287,7 +301,9 @@ def main(args: Args) -> dict:
         # 1. Rollout
         queries, query_mask = batch["queries"], batch["query_mask"]  # (B, P)
         with torch.no_grad(), unwrap_for_generation(model, accelerator) as unwrapped:
-            responses = generate(unwrapped.policy, queries, query_mask, gen_config, synced)  # (B, T)
+            if engine is not None:  # --vllm: the engine samples from the policy's current weights
+                engine.load_weights(unwrapped.policy)
+            responses = generate(unwrapped.policy, queries, query_mask, gen_config, synced, engine)  # (B, T)
         responses, response_mask, has_eos = truncate_at_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
         query_responses = torch.cat([queries, responses], dim=1)  # (B, P+T)
         attention_mask = torch.cat([query_mask, response_mask], dim=1)  # (B, P+T)
@@ -404,6 +420,8 @@ def main(args: Args) -> dict:
         metrics["val/explained_variance"] = 1.0 - residual_var / global_var(accelerator, returns[response_mask])
         metrics["val/num_eos_tokens"] = accelerator.gather(has_eos.float()).sum().item()
         metrics["lr"] = lr
+        if engine is not None:  # vLLM's log-probs of its samples against the recomputed ones: ~0 unless stale
+            metrics["val/rollout_logprob_diff"] = engine.logprob_diff(accelerator, logprobs, response_mask)
         run.log(update, metrics, samples=(prompts, completions, scores), policy=model)
         run.end_update(update)  # a checkpoint every --save-every updates; stop here after Ctrl-C / SIGTERM
 

@@ -4,7 +4,9 @@ flag and says what to change. A script keeps only its own algorithm's checks (K 
 import importlib.util
 import os
 
+from common.lora import check_lora_args
 from common.models import check_model_source
+from common.vllm_engine import check_vllm_args
 
 
 def check_args(args, accelerator) -> None:
@@ -60,6 +62,8 @@ def check_args(args, accelerator) -> None:
     for name in ("model", "reward_model", "value_model"):  # a typo in a path fails before the output dir is made
         if getattr(args, name, None) is not None:
             check_model_source(getattr(args, name), f"--{name.replace('_', '-')}")
+    check_lora_args(args)  # peft installed, target modules that --model has (read from its config)
+    check_vllm_args(args, accelerator)  # vllm installed, a supported setting
     if args.resume_from not in (None, "latest") and args.output_dir is None:  # <output dir>/checkpoints/update-n
         args.output_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.resume_from)))
     if args.resume_from == "latest" and args.output_dir is None:

@@ -68,10 +68,14 @@ def generate(
     query_mask: torch.Tensor,
     config: "transformers.GenerationConfig",
     synced: bool = False,
+    engine=None,
 ):
     """Responses (B, T) to left-padded queries (B, P), T <= max_new_tokens. Runs in eval mode (KV
     cache on, gradient checkpointing off). `generate` builds position ids from the attention mask
-    itself; its scores are discarded (recomputed later)."""
+    itself; its scores are discarded (recomputed later). With a vLLM engine (--vllm), the engine samples
+    instead, with the same settings (common/vllm_engine.py)."""
+    if engine is not None:
+        return engine.generate(queries, query_mask, config)
     was_training = model.training
     model.eval()
     query_responses = model.generate(

@@ -33,7 +33,9 @@ from tqdm.auto import tqdm
 from common import checkpoint
 from common.checks import check_args
 from common.evaluation import check_eval_args, evaluate, held_out_fraction, load_eval_prompts
+from common.lora import model_to_save
 from common.tracking import close_tracking, init_tracking, log_metrics, samples_table
+from common.vllm_engine import close_engines
 
 FINISHED = "finished.json"
 PHASES = ("rollout", "score", "logprobs", "update")  # the ticks of an update, in order
@@ -303,6 +305,7 @@ class Run:
                 f"every batch of updates {self.start_update + 1}-{args.num_updates} held non-finite values and was "
                 "skipped (--skip-nonfinite): nothing was trained; check the reward and the learning rate"
             )
+        model, state_dict = model_to_save(model, state_dict, args)  # LoRA: the adapter, or with --merge-lora merged
         checkpoint.save_final(accelerator, args.output_dir, model, state_dict, tokenizer)
         if accelerator.is_main_process:
             with open(os.path.join(args.output_dir, FINISHED), "w") as f:  # written last: the run is complete
@@ -317,6 +320,7 @@ class Run:
         watchdog.daemon = True
         watchdog.start()
         accelerator.wait_for_everyone()
+        close_engines()  # --vllm
         accelerator.end_training()
         watchdog.cancel()
         return metrics

@@ -21,7 +21,7 @@ import torch
 if TYPE_CHECKING:  # `datasets` is imported where it is used: a script's --help must not wait for it
     from datasets import Dataset
 
-VERSION = "toy-sort-v1"
+VERSION = "toy-sort-v2"  # v2: 2 heads of 32 (vLLM's CPU attention needs head_dim >= 32)
 LETTERS = string.ascii_lowercase
 SEPARATOR = ":"
 MIN_LETTERS, MAX_LETTERS = 3, 6
@@ -79,7 +79,7 @@ def make_tokenizer():
 
 
 def make_model(vocab_size: int = 32):
-    """A tiny random Llama: hidden 64, 2 layers."""
+    """A tiny random Llama: hidden 64, 2 layers, 2 heads of 32."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -87,8 +87,8 @@ def make_model(vocab_size: int = 32):
         hidden_size=64,
         intermediate_size=256,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        num_attention_heads=2,
+        num_key_value_heads=2,
         max_position_embeddings=64,
         pad_token_id=0,
         eos_token_id=1,

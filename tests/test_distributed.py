@@ -29,7 +29,7 @@ import importlib
 name, model, dataset, out, micro = sys.argv[1:6]
 module = importlib.import_module(name)
 
-def fixed_generate(model, queries, query_mask, config, synced=False):
+def fixed_generate(model, queries, query_mask, config, synced=False, engine=None):
     rows, copies = [], {{}}
     for q, m in zip(queries, query_mask):
         prompt = tuple(q[m].tolist())
@@ -133,6 +133,18 @@ def test_two_processes_match_one(tmp_path, name, llama_dir, prompts_jsonl):
         for key in one_line:
             if not key.startswith("time/"):
                 assert_close(torch.tensor(two_line[key]), torch.tensor(one_line[key]), atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_two_processes_match_one_with_lora(tmp_path, llama_dir, prompts_jsonl):
+    """PPO with LoRA on the policy and the value model (frozen weights under DDP); compared on the
+    merged policies: base + (alpha / r) B A."""
+    pytest.importorskip("peft")
+    env = {"EXTRA_ARGS": json.dumps(dict(lora_r=4, merge_lora=True))}
+    one_dir, one = _run(tmp_path, "ppo", llama_dir, prompts_jsonl, 1, **env)
+    two_dir, two = _run(tmp_path, "ppo", llama_dir, prompts_jsonl, 2, **env)
+    assert_same_update(_weights(llama_dir), _weights(one_dir), _weights(two_dir))
+    for key in ("loss/policy", "loss/value", "objective/kl", "val/ratio"):
+        assert_close(torch.tensor(two[-1][key]), torch.tensor(one[-1][key]), atol=1e-5, rtol=1e-4, msg=key)
 
 
 def test_a_gradient_twice_too_large_on_two_processes_fails(tmp_path, llama_dir, prompts_jsonl):

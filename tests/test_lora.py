@@ -2,10 +2,7 @@
 (KL exactly 0 at the start), bad flags fail before loading, an SFT adapter as --model is merged, the
 saved adapter and merged model load back as the trained policy, checkpoints resume bit for bit, and
 gradient checkpointing leaves the gradients unchanged.
-
-Tests marked `wired` run main() through the scripts' --lora-* flags and are skipped until the
-scripts have them; until then the `stand_in` tests run main() with the same calls patched in
-(_stand_in_wiring), and are skipped once the flags exist."""
+End to end, main() of each script runs with --lora-r."""
 
 import dataclasses
 import importlib
@@ -22,7 +19,6 @@ from conftest import read_metrics, run_cli, tiny_args
 
 peft = pytest.importorskip("peft")
 
-import rloo  # noqa: E402
 from common.lora import AdaptersOff, add_lora, check_lora_args, load_reference, model_to_save  # noqa: E402
 from common.models import (  # noqa: E402
     PolicyAndValue,
@@ -36,9 +32,6 @@ from common.models import (  # noqa: E402
 from common.ops import response_logits, selective_log_softmax  # noqa: E402
 
 SCRIPTS = ["rloo", "remax", "ppo", "grpo"]
-WIRED = hasattr(rloo.Args, "lora_r")
-wired = pytest.mark.skipif(not WIRED, reason="needs the --lora-* flags wired into the scripts")
-stand_in = pytest.mark.skipif(WIRED, reason="the scripts have the --lora-* flags: the wired tests run instead")
 PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
@@ -382,56 +375,18 @@ def test_gradient_checkpointing_gives_the_same_gradients(llama_dir):
 # ---- end to end: each script's main() ----
 
 
-def _stand_in_wiring(module, monkeypatch, lora: LoraArgs) -> None:
-    """Until the scripts have the --lora-* flags: the calls they will make (add_lora on the policy and
-    PPO's value model, load_reference for the reference), patched over the calls they make now. The
-    adapter is saved by PeftModel.save_pretrained from the full state dict, as the scripts already do."""
-    real_load_policy, held = module.load_policy, {}
-
-    def load_policy_with_lora(*args):
-        if "policy" in held:  # the reference's load: no second copy
-            return "reference"
-        held["policy"] = add_lora(real_load_policy(*args), lora)
-        return held["policy"]
-
-    monkeypatch.setattr(module, "load_policy", load_policy_with_lora)
-    monkeypatch.setattr(module, "load_frozen", lambda model: load_reference(lora, held["policy"]))
-    if hasattr(module, "load_value_model"):
-        real_load_value_model = module.load_value_model
-        monkeypatch.setattr(module, "load_value_model", lambda args: add_lora(real_load_value_model(args), lora))
-
-
-def _lora_main(name, tmp_path, monkeypatch, llama_dir, prompts_jsonl, **overrides):
+def _lora_main(name, tmp_path, llama_dir, prompts_jsonl, **overrides):
     module = importlib.import_module(name)
     common = dict(model=llama_dir, dataset=prompts_jsonl, reward_fn="common.toy:sort_reward")
-    if WIRED:
-        common.update(lora_r=4)
-        return module.main(tiny_args(module, tmp_path, **common, **overrides))
-    with monkeypatch.context() as patch:
-        _stand_in_wiring(module, patch, LoraArgs(model=llama_dir))
-        return module.main(tiny_args(module, tmp_path, **common, **overrides))
+    return module.main(tiny_args(module, tmp_path, lora_r=4, **common, **overrides))
 
 
-@pytest.mark.parametrize(
-    "name, bf16",
-    [pytest.param(n, False, marks=stand_in) for n in SCRIPTS] + [pytest.param("rloo", True, marks=stand_in)],
-)
-def test_stand_in_first_kl_is_exactly_zero(tmp_path, monkeypatch, name, bf16, llama_dir, prompts_jsonl):
-    _check_first_kl_is_zero(name, bf16, tmp_path, monkeypatch, llama_dir, prompts_jsonl)
-
-
-@pytest.mark.parametrize(
-    "name, bf16", [pytest.param(n, False, marks=wired) for n in SCRIPTS] + [pytest.param("rloo", True, marks=wired)]
-)
-def test_wired_first_kl_is_exactly_zero(tmp_path, monkeypatch, name, bf16, llama_dir, prompts_jsonl):
-    _check_first_kl_is_zero(name, bf16, tmp_path, monkeypatch, llama_dir, prompts_jsonl)
-
-
-def _check_first_kl_is_zero(name, bf16, tmp_path, monkeypatch, llama_dir, prompts_jsonl):
+@pytest.mark.parametrize("name, bf16", [(n, False) for n in SCRIPTS] + [("rloo", True)])
+def test_first_kl_is_exactly_zero(tmp_path, name, bf16, llama_dir, prompts_jsonl):
     """Two updates with LoRA and --eval-every 1: the reference is exactly the starting policy (KL 0
     in the first update and in the evaluation before training), the first ratio is 1, training moves
     the adapters (KL > 0 after), and the output is the adapter, loadable as the trained policy."""
-    _lora_main(name, tmp_path, monkeypatch, llama_dir, prompts_jsonl, bf16=bf16, eval_every=1, eval_max_prompts=8)
+    _lora_main(name, tmp_path, llama_dir, prompts_jsonl, bf16=bf16, eval_every=1, eval_max_prompts=8)
     metrics = read_metrics(tmp_path / "out" / "metrics.jsonl")
     assert [m["update"] for m in metrics] == [0, 1, 2]
     assert metrics[0]["eval/kl"] == 0.0 and metrics[1]["objective/kl"] == 0.0
@@ -443,27 +398,23 @@ def _check_first_kl_is_zero(name, bf16, tmp_path, monkeypatch, llama_dir, prompt
     peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "out"))  # onto the base model the adapter names
 
 
-@wired
-def test_wired_merge_lora_and_resume(tmp_path, monkeypatch, llama_dir, prompts_jsonl):
+def test_merge_lora_and_resume(tmp_path, llama_dir, prompts_jsonl):
     """--merge-lora writes a plain model; a run resumed from a LoRA checkpoint ends bit for bit where
     the straight run ends."""
     from transformers import AutoModelForCausalLM
 
     common = dict(total_episodes=64, gradient_accumulation_steps=1, local_micro_batch_size=16, merge_lora=True)
     straight = str(tmp_path / "straight")
-    _lora_main("ppo", tmp_path, monkeypatch, llama_dir, prompts_jsonl, output_dir=straight, save_every=2, **common)
+    _lora_main("ppo", tmp_path, llama_dir, prompts_jsonl, output_dir=straight, save_every=2, **common)
     resumed = str(tmp_path / "resumed")
     checkpoint = os.path.join(straight, "checkpoints", "update-00000002")
-    _lora_main(
-        "ppo", tmp_path, monkeypatch, llama_dir, prompts_jsonl, output_dir=resumed, resume_from=checkpoint, **common
-    )
+    _lora_main("ppo", tmp_path, llama_dir, prompts_jsonl, output_dir=resumed, resume_from=checkpoint, **common)
     a, b = (AutoModelForCausalLM.from_pretrained(d).state_dict() for d in (straight, resumed))
     assert a.keys() == load_policy(llama_dir).state_dict().keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
 
-@wired
-def test_wired_cli(tmp_path, toy_cache):
+def test_cli(tmp_path, toy_cache):
     run_cli("grpo.py", tmp_path, toy_cache, "--lora-r", "4", "--lora-target-modules", "q_proj,v_proj")
     assert "adapter_config.json" in os.listdir(tmp_path / "cli")

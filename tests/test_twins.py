@@ -14,8 +14,8 @@ import pytest
 from conftest import ROOT
 
 FILES = ["rloo.py", "remax.py", "ppo.py", "grpo.py"]
-BUDGETS = {("rloo.py", "remax.py"): 140, ("rloo.py", "ppo.py"): 200, ("rloo.py", "grpo.py"): 120}
-MAX_LINES = {"rloo.py": (360, 190), "remax.py": (370, 190), "ppo.py": (420, 200), "grpo.py": (400, 200)}  # (file, main)
+BUDGETS = {("rloo.py", "remax.py"): 140, ("rloo.py", "ppo.py"): 202, ("rloo.py", "grpo.py"): 120}
+MAX_LINES = {"rloo.py": (380, 190), "remax.py": (390, 190), "ppo.py": (440, 200), "grpo.py": (415, 200)}  # (file, main)
 SECTIONS = [
     '"""',
     "\nimport ",
