@@ -157,7 +157,10 @@ def add_lora(model: torch.nn.Module, args) -> torch.nn.Module:
         model.score.requires_grad_(True)
         return model
     with _quiet():
-        return peft.get_peft_model(model, config)
+        # autocast_adapter_dtype=False: adapters in the weights' dtype, as inject_adapter_in_model makes them. The
+        # weights are fp32 except under DeepSpeed ZeRO-3 with --bf16 (loaded in bf16 by zero.Init), where DeepSpeed
+        # needs every trained parameter in one dtype (PPO trains the policy's and the value model's adapters).
+        return peft.get_peft_model(model, config, autocast_adapter_dtype=False)
 
 
 class AdaptersOff(torch.nn.Module):

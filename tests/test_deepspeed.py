@@ -107,7 +107,10 @@ def assert_starts_on_policy_at_the_reference(metrics):
 
 
 # ZeRO-2 leaves generation alone, so ReMax (RLOO's rollout twice) runs under ZeRO-3 only: ~10 s a run.
+# With LoRA the reference is the engine's own module with its adapters off (no DeepSpeed engine of its own).
+LORA = ["--lora-r", "4"]
 CASES = [("rloo", 2, ["--bf16"]), ("ppo", 2, []), ("rloo", 3, []), ("remax", 3, ["--bf16"]), ("ppo", 3, [])]
+CASES += [("grpo", 2, LORA), ("rloo", 3, LORA + ["--bf16"]), ("ppo", 3, LORA + ["--bf16"])]
 
 
 @pytest.mark.parametrize("name,stage,flags", CASES, ids=[f"{n}-zero{s}{''.join(f)}" for n, s, f in CASES])
@@ -115,6 +118,8 @@ def test_deepspeed_two_updates(tmp_path, toy_cache, llama_reward_dir, name, stag
     # PPO scores with a reward model, which also starts its value model: the frozen reference and reward
     # models are then DeepSpeed inference engines (prepare_frozen; sharded under ZeRO-3), and the reward
     # model's backbone and head are called one by one (scalar_head_values). One epoch keeps PPO on-policy.
+    if "--lora-r" in flags:
+        pytest.importorskip("peft")
     if name == "ppo":
         flags = flags + ["--reward-model", llama_reward_dir, "--num-epochs", "1"]
     metrics, counts = _run(tmp_path, toy_cache, name, stage, *flags)
