@@ -174,3 +174,32 @@ def test_resume_is_bit_exact(tmp_path, llama_dir, prompts_jsonl):
     a, b = (AutoModelForCausalLM.from_pretrained(d).state_dict() for d in (straight, resumed))
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_two_processes_each_with_an_engine(tmp_path, toy_cache):
+    """torchrun with two CPU processes: one engine per process (vLLM's external_launcher), each fed
+    its own process's weights; every update's diff is rounding only."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", os.path.join(ROOT, "rloo.py")]
+    cmd += [
+        "--vllm",
+        "--vllm-gpu-memory-utilization",
+        "0.1",
+        "--total-episodes",
+        "96",
+        "--local-micro-batch-size",
+        "16",
+    ]
+    cmd += ["--output-dir", str(out), "--print-samples-every", "0"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "ONEFILE_RLHF_CACHE": toy_cache}
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    metrics = read_metrics(out / "metrics.jsonl")
+    assert len(metrics) == 3 and metrics[0]["val/ratio"] == 1.0
+    for m in metrics:
+        assert 0 < m["val/rollout_logprob_diff"] < SAME_WEIGHTS, m["update"]
