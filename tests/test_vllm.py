@@ -33,11 +33,18 @@ def _vllm_args(module, tmp_path, **overrides):
     return tiny_args(module, tmp_path, vllm=True, vllm_gpu_memory_utilization=0.1, **overrides)
 
 
-def _run(name, tmp_path, **overrides):
-    module = importlib.import_module(name)
-    args = _vllm_args(module, tmp_path, **overrides)
-    module.main(args)
-    return read_metrics(os.path.join(args.output_dir, "metrics.jsonl"))
+@pytest.fixture
+def run(tmp_path, llama_dir, prompts_jsonl):
+    """main() of a script with --vllm on the toy prompts and rule; its metrics. tiny_args' sizes unless overridden."""
+
+    def run(name, **overrides):
+        module = importlib.import_module(name)
+        toy = dict(model=llama_dir, dataset=prompts_jsonl, reward_fn="common.toy:sort_reward")
+        args = _vllm_args(module, tmp_path, **{**toy, **overrides})
+        module.main(args)
+        return read_metrics(os.path.join(args.output_dir, "metrics.jsonl"))
+
+    return run
 
 
 @pytest.fixture
@@ -98,18 +105,10 @@ def test_greedy_and_sampled_responses_match_transformers(engine, llama_dir):
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_scripts_train_with_vllm(tmp_path, name, llama_dir, prompts_jsonl):
+def test_scripts_train_with_vllm(run, name):
     """Three updates: the first ratio is exactly 1 (log-probs recomputed by the training forward), and
     every update's rollout_logprob_diff is rounding only: the engine held each update's weights."""
-    metrics = _run(
-        name,
-        tmp_path,
-        model=llama_dir,
-        dataset=prompts_jsonl,
-        reward_fn="common.toy:sort_reward",
-        total_episodes=48,
-        learning_rate=1e-2,
-    )
+    metrics = run(name, total_episodes=48, learning_rate=1e-2)
     assert len(metrics) == 3
     if name != "ppo":  # PPO's 4 epochs move the policy within the update
         assert metrics[0]["val/ratio"] == 1.0
@@ -118,7 +117,7 @@ def test_scripts_train_with_vllm(tmp_path, name, llama_dir, prompts_jsonl):
         assert 0 < m["val/rollout_logprob_diff"] < SAME_WEIGHTS, m["update"]
 
 
-def test_logprob_diff_grows_when_the_weights_are_not_synced(tmp_path, monkeypatch, llama_dir, prompts_jsonl):
+def test_logprob_diff_grows_when_the_weights_are_not_synced(run, monkeypatch):
     """The check does its job: with the weight sync skipped after the first rollout, the engine keeps
     sampling from the starting policy and the diff grows far beyond rounding."""
     loaded = []
@@ -129,48 +128,31 @@ def test_logprob_diff_grows_when_the_weights_are_not_synced(tmp_path, monkeypatc
             real(self, policy)
 
     monkeypatch.setattr(VLLMEngine, "load_weights", load_once)
-    metrics = _run(
-        "rloo",
-        tmp_path,
-        model=llama_dir,
-        dataset=prompts_jsonl,
-        reward_fn="common.toy:sort_reward",
-        total_episodes=64,
-        learning_rate=1e-2,
-    )
+    metrics = run("rloo", total_episodes=64, learning_rate=1e-2)
     diffs = [m["val/rollout_logprob_diff"] for m in metrics]
     assert diffs[0] < SAME_WEIGHTS  # the first rollout had the right weights
     assert min(diffs[1:]) > 100 * SAME_WEIGHTS, diffs
 
 
-def test_lora_merged_weights_reach_the_engine(tmp_path, llama_dir, prompts_jsonl):
+def test_lora_merged_weights_reach_the_engine(run):
     """With --lora-r the engine gets the merged weights W + (alpha / r) B A before each rollout."""
     pytest.importorskip("peft")
-    metrics = _run(
-        "grpo",
-        tmp_path,
-        model=llama_dir,
-        dataset=prompts_jsonl,
-        reward_fn="common.toy:sort_reward",
-        total_episodes=48,
-        learning_rate=3e-2,
-        lora_r=4,
-    )
+    metrics = run("grpo", total_episodes=48, learning_rate=3e-2, lora_r=4)
     assert metrics[-1]["objective/kl"] > 0
     for m in metrics:
         assert 0 < m["val/rollout_logprob_diff"] < SAME_WEIGHTS, m["update"]
 
 
-def test_resume_is_bit_exact(tmp_path, llama_dir, prompts_jsonl):
+def test_resume_is_bit_exact(run, tmp_path):
     """vLLM samples with the process's torch RNG, which checkpoints save: a run resumed at update 2
     ends with the weights of the straight run, bit for bit."""
     from transformers import AutoModelForCausalLM
 
-    common = dict(model=llama_dir, dataset=prompts_jsonl, reward_fn="common.toy:sort_reward", total_episodes=64)
+    common = dict(total_episodes=64)
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    _run("rloo", tmp_path, output_dir=straight, save_every=2, **common)
+    run("rloo", output_dir=straight, save_every=2, **common)
     checkpoint = os.path.join(straight, "checkpoints", "update-00000002")
-    _run("rloo", tmp_path, output_dir=resumed, resume_from=checkpoint, **common)
+    run("rloo", output_dir=resumed, resume_from=checkpoint, **common)
     a, b = (AutoModelForCausalLM.from_pretrained(d).state_dict() for d in (straight, resumed))
     for key in a:
         assert torch.equal(a[key], b[key]), key
