@@ -76,7 +76,7 @@ class Args:
     vllm: bool = False
     """sample the responses with vLLM in this process (pip install -e ".[vllm]"); log-probs are still recomputed"""
     vllm_gpu_memory_utilization: float = 0.3
-    """with --vllm: the fraction of GPU memory (on CPU: of RAM) vLLM takes for its weights and KV cache"""
+    """with --vllm: the fraction of GPU memory (on CPU: of RAM) vLLM may fill, training's use included"""
     missing_eos_penalty: float | None = None
     """if set, a response that never emitted EOS gets this score instead of the reward"""
 

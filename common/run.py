@@ -290,6 +290,7 @@ class Run:
             self.progress.close()
             accelerator.print(f"stopped after update {update}; {checkpoint.resume_command(sys.argv, args)}")
             self._close()
+            close_engines()  # --vllm: while the process groups are still up
             raise SystemExit(128 + (self.stop_signal or signal.SIGTERM))
         self.phase_seconds, self.tokens, self.clock = {}, {}, time.perf_counter()  # the next update's clock starts
 

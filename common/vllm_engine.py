@@ -14,8 +14,9 @@ response tokens. Near 0 (kernel and precision differences) when the engine holds
 weights; it grows when it does not (stale weights are the classic silent failure of this design).
 
 vllm is optional (pip install -e ".[vllm]", its own environment: see the README) and imported
-only with --vllm. Sampling uses the process's torch RNG (seeded per process by the script, saved
-in checkpoints), so a run is reproducible; vLLM's kernels differ from transformers', so its
+only with --vllm. Sampling draws from the process's global RNGs (torch on CPU; numpy for each
+request's seed in vLLM's GPU runner), which the script seeds per process and checkpoints save, so
+a run is reproducible; vLLM's kernels differ from transformers', so its
 samples are not those of generate.
 """
 
@@ -29,7 +30,7 @@ from common.ops import global_means
 
 def import_vllm():
     """The vllm module, or an ImportError that says how to install it."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine lives in this process
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine lives in this process, on its seeded RNGs
     try:
         import vllm
     except ImportError as e:
@@ -40,6 +41,8 @@ def import_vllm():
 def check_vllm_args(args, accelerator) -> None:
     """Before anything is loaded: vLLM installed, and a setting it supports."""
     if not getattr(args, "vllm", False):
+        if getattr(args, "vllm_gpu_memory_utilization", 0.3) != 0.3:
+            raise ValueError("--vllm-gpu-memory-utilization without --vllm: it only applies to --vllm")
         return
     if not 0 < args.vllm_gpu_memory_utilization <= 1:
         raise ValueError(f"--vllm-gpu-memory-utilization {args.vllm_gpu_memory_utilization}: must be in (0, 1]")
@@ -56,10 +59,8 @@ class VLLMEngine:
         vllm = import_vllm()
         distributed = dict(distributed_executor_backend="external_launcher") if accelerator.num_processes > 1 else {}
         max_len = args.max_prompt_length + args.max_new_tokens  # the KV cache need not hold more per sequence
-        max_len = min(
-            max_len,
-            getattr(load_config(args.model, "--model", args.trust_remote_code), "max_position_embeddings", max_len),
-        )
+        positions = getattr(load_config(args.model, "--model", args.trust_remote_code), "max_position_embeddings", None)
+        max_len = min(max_len, positions or max_len)
         self.llm = vllm.LLM(
             adapter_base(args.model) or args.model,  # an SFT adapter: its base; load_weights brings the merged policy
             dtype="bfloat16" if args.bf16 else "float32",
@@ -86,11 +87,16 @@ class VLLMEngine:
         """The policy's current weights into the engine (a PeftModel's adapters merged in), and the
         prefix cache emptied: its keys and values were computed with the old weights. Call with the
         unwrapped policy; under ZeRO-3 inside unwrap_for_generation, where the weights are gathered."""
+        from transformers.core_model_loading import revert_weight_conversion
+
         state_dict = policy.state_dict()
         if hasattr(policy, "disable_adapter"):  # LoRA
             from common.lora import merged_state_dict
 
-            state_dict = merged_state_dict(policy, state_dict)
+            state_dict, policy = merged_state_dict(policy, state_dict), policy.get_base_model()
+        # transformers 5 renames or fuses some architectures' weights when loading (MoE experts, ...): back to the
+        # checkpoint's names, as save_pretrained writes them, which are what vLLM's loader reads
+        state_dict = revert_weight_conversion(policy, state_dict)
         # the worker's reload_weights: weights in checkpoint (transformers) names, re-processed as at load time
         self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=iter(state_dict.items())))
         self.llm.reset_prefix_cache()

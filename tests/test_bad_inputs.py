@@ -2,6 +2,7 @@
 expects an error whose message says what to fix, raised before any model is loaded (loading is
 the slow part on a real model, so a typo must not cost minutes)."""
 
+import importlib.util
 import json
 import sys
 
@@ -333,6 +334,14 @@ CASES = [
         lambda x: dict(reward_fn=x.reward_module("rw_raises", "return 1 / 0")), RuntimeError,
         ["reward function raised ZeroDivisionError"], id="reward-fn-raises",
     ),
+    pytest.param(
+        lambda x: dict(vllm_gpu_memory_utilization=0.5), ValueError,
+        ["--vllm-gpu-memory-utilization without --vllm"], id="vllm-memory-without-vllm",
+    ),
+    pytest.param(
+        lambda x: dict(vllm=True, vllm_gpu_memory_utilization=0.0), ValueError,
+        ["--vllm-gpu-memory-utilization 0.0: must be in (0, 1]"], id="vllm-memory-zero",
+    ),
 ]
 # fmt: on
 
@@ -391,3 +400,8 @@ def test_skip_nonfinite_skips_the_batch_and_trains_on(tmp_path, monkeypatch, toy
     metrics = rloo.main(args)
     assert sys.modules["rw_nan_once"].calls == [2, 16, 16, 16]
     assert metrics["val/skipped_batches"] == 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_vllm_missing_says_how_to_install(tmp_path, toy_cache, model_loads):
+    fails_early(rloo, tiny_args(rloo, tmp_path, vllm=True), ImportError, ['pip install -e ".[vllm]"'], model_loads)

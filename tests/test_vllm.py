@@ -114,7 +114,7 @@ def test_scripts_train_with_vllm(run, name):
         assert metrics[0]["val/ratio"] == 1.0
     assert metrics[-1]["objective/kl"] > 0  # the policy moved away from the reference
     for m in metrics:
-        assert 0 < m["val/rollout_logprob_diff"] < SAME_WEIGHTS, m["update"]
+        assert 0 <= m["val/rollout_logprob_diff"] < SAME_WEIGHTS, m["update"]
 
 
 def test_logprob_diff_grows_when_the_weights_are_not_synced(run, monkeypatch):
@@ -140,7 +140,7 @@ def test_lora_merged_weights_reach_the_engine(run):
     metrics = run("grpo", total_episodes=48, learning_rate=3e-2, lora_r=4)
     assert metrics[-1]["objective/kl"] > 0
     for m in metrics:
-        assert 0 < m["val/rollout_logprob_diff"] < SAME_WEIGHTS, m["update"]
+        assert 0 <= m["val/rollout_logprob_diff"] < SAME_WEIGHTS, m["update"]
 
 
 def test_resume_is_bit_exact(run, tmp_path):
@@ -184,4 +184,4 @@ def test_two_processes_each_with_an_engine(tmp_path, toy_cache):
     metrics = read_metrics(out / "metrics.jsonl")
     assert len(metrics) == 3 and metrics[0]["val/ratio"] == 1.0
     for m in metrics:
-        assert 0 < m["val/rollout_logprob_diff"] < SAME_WEIGHTS, m["update"]
+        assert 0 <= m["val/rollout_logprob_diff"] < SAME_WEIGHTS, m["update"]
