@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # `datasets` is imported where it is used: a script's --help must not wait for it
     from datasets import Dataset
 
-from common.models import load_config
+from common.models import max_positions
 
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 SUPPORTED = (
@@ -182,9 +182,7 @@ def load_prompts(args, tokenizer, min_prompts: int, print_fn=print) -> Dataset:
 def check_positions(args, dataset: Dataset) -> None:
     """The longest prompt plus --max-new-tokens must fit in --model's positions (max_position_embeddings,
     GPT-2's n_positions): past them an absolute-position model fails inside generate() with an IndexError."""
-    config = load_config(args.model, "--model", args.trust_remote_code)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    limit = max_positions(args.model, args.trust_remote_code)
     longest = max(len(ids) for ids in dataset["input_ids"])
     if limit is not None and longest + args.max_new_tokens > limit:
         raise ValueError(

@@ -62,6 +62,13 @@ def load_config(name: str, flag: str, trust_remote_code: bool = False):
         raise OSError(f"{flag} {name!r} could not be loaded: {e}") from e
 
 
+def max_positions(name: str, trust_remote_code: bool = False) -> int | None:
+    """The positions --model can encode (max_position_embeddings, GPT-2's n_positions), or None."""
+    config = load_config(name, "--model", trust_remote_code)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     """Tokenizer with left padding (prompts are left-padded) and a pad token (EOS if it has none).
     When it cannot be loaded, the model's config is read for an error that names --model."""

@@ -23,8 +23,9 @@ samples are not those of generate.
 import os
 
 import torch
+from accelerate.utils import DistributedType
 
-from common.models import adapter_base, load_config
+from common.models import adapter_base, max_positions
 from common.ops import global_means
 
 
@@ -46,7 +47,7 @@ def check_vllm_args(args, accelerator) -> None:
         return
     if not 0 < args.vllm_gpu_memory_utilization <= 1:
         raise ValueError(f"--vllm-gpu-memory-utilization {args.vllm_gpu_memory_utilization}: must be in (0, 1]")
-    if accelerator.distributed_type.value == "FSDP":
+    if accelerator.distributed_type == DistributedType.FSDP:
         raise ValueError("--vllm is not supported under FSDP (it is under DDP and DeepSpeed): drop one of them")
     import_vllm()
 
@@ -59,8 +60,7 @@ class VLLMEngine:
         vllm = import_vllm()
         distributed = dict(distributed_executor_backend="external_launcher") if accelerator.num_processes > 1 else {}
         max_len = args.max_prompt_length + args.max_new_tokens  # the KV cache need not hold more per sequence
-        positions = getattr(load_config(args.model, "--model", args.trust_remote_code), "max_position_embeddings", None)
-        max_len = min(max_len, positions or max_len)
+        max_len = min(max_len, max_positions(args.model, args.trust_remote_code) or max_len)
         self.llm = vllm.LLM(
             adapter_base(args.model) or args.model,  # an SFT adapter: its base; load_weights brings the merged policy
             dtype="bfloat16" if args.bf16 else "float32",
